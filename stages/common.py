@@ -1,0 +1,98 @@
+"""What several stages need: atomic JSON/JSONL writes, loading the tokenizer and the base model, a uniform exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from stages.params import ModelParams, ParamsError
+
+
+IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross_entropy default)
+
+
+class StageError(Exception):
+    """A problem with the user's input (data, model, files), worded for the user: printed without a traceback."""
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode open() would have
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path | str, data: Any) -> None:
+    write_text(Path(path), json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
+    write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress(iterable, total: int, desc: str):
+    """A tqdm bar on a terminal; in a log file, a plain line at every 10% instead of thousands of redraws."""
+    from tqdm.auto import tqdm
+
+    if sys.stderr.isatty():
+        yield from tqdm(iterable, total=total, desc=desc)
+        return
+    marks = {max(1, round(total * k / 10)) for k in range(1, 11)}
+    started = time.perf_counter()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i in marks:
+            print(f"{desc}: {i}/{total} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
+
+
+def load_tokenizer(model: ModelParams):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision)
+    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"model.model_name: the tokenizer of {model.model_name!r} has no EOS token, "
+                         "so the model could not learn where a response ends")
+    return tokenizer
+
+
+def load_base_model(model: ModelParams, dtype=None):
+    """The base model, from a local directory or the hub, weights through safetensors only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model.model_name, revision=model.revision, dtype=dtype or torch.float32, use_safetensors=True,
+        attn_implementation="sdpa")
+
+
+def run_main(stage: Callable[[], None]) -> None:
+    """Run a stage's main(): bad params or input exit 2 with the message, not a traceback."""
+    try:
+        stage()
+    except (ParamsError, StageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,140 @@
+"""evaluate: score a model on the test split -- loss, perplexity, token metrics, batched generation, text metrics.
+
+    dvc repro evaluate                        # the fine-tuned model (base + adapter)
+    dvc repro evaluate_base                   # the base model alone; cached, reruns only when its inputs change
+    dvc exp run -S evaluate.max_new_tokens=64
+    python -m stages.evaluate --model finetuned|base
+
+Reads params `model` and `evaluate` (not `train`: a generation setting never retrains). Writes
+metrics/eval_<model>.json and outputs/predictions_<model>.jsonl (every prompt, reference and prediction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from stages import metrics as M
+from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, progress, read_jsonl, run_main,
+                           write_json, write_jsonl)
+from stages.params import EvaluateParams, Params, load_params
+
+TEST_FILE = Path("data/prepared/test.jsonl")
+
+
+def batches(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy over response tokens (token-weighted, prompt and padding excluded), perplexity, and
+    next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens."""
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    y_true: list[int] = []
+    y_pred: list[int] = []
+    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
+    for batch in progress(batches(ordered, batch_size), total=-(-len(ordered) // batch_size), desc="loss"):
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
+        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch])
+        mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        # Position t predicts token t+1.
+        logits, targets = logits[:, :-1], labels[:, 1:].to(device)
+        keep = targets != IGNORE_INDEX
+        total_loss += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+        total_tokens += int(keep.sum())
+        y_true += targets[keep].tolist()
+        y_pred += logits[keep].argmax(-1).tolist()
+    loss = total_loss / total_tokens
+    return {"eval_loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))),
+            **M.classification(y_true, y_pred, "token")}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams) -> list[str]:
+    """Batched generation with left padding and the KV cache, longest prompts first (an out-of-memory error shows
+    up in the first batch, not the last); returns the completions in the order of `prompts`."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    sampling = {"do_sample": True, "temperature": evaluate.temperature, "top_p": evaluate.top_p} \
+        if evaluate.do_sample else {"do_sample": False}
+    completions: dict[int, str] = {}
+    for idx in progress(batches(order, evaluate.batch_size), total=-(-len(order) // evaluate.batch_size),
+                        desc="generate"):
+        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+        out = model.generate(**enc, max_new_tokens=evaluate.max_new_tokens, use_cache=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        completions.update({i: t.strip() for i, t in zip(idx, texts, strict=True)})
+    return [completions[i] for i in range(len(prompts))]
+
+
+def score(predictions: list[str], references: list[str], evaluate: EvaluateParams) -> dict[str, float]:
+    out = {"exact_match": M.exact_match(predictions, references)}
+    out.update(M.bleu(predictions, references))
+    out.update(M.rouge(predictions, references))
+    out.update(M.generation_stats(predictions))
+    labels = evaluate.labels if isinstance(evaluate.labels, list) else None
+    if evaluate.labels == "auto":
+        labels = M.detect_labels(references, evaluate.max_labels)
+    if labels:
+        out.update(M.label_metrics(predictions, references, [M.normalize_label(label) for label in labels]))
+    return out
+
+
+def load_model(params: Params, which: str, adapter_dir: Path):
+    model = load_base_model(params.model)
+    if which == "finetuned":
+        from peft import PeftModel
+
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise StageError(f"{adapter_dir}: no adapter found; run the train stage first (dvc repro train)")
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+def run(params: Params, which: str, test_file: Path = TEST_FILE) -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions for `which` ('base' or 'finetuned') on the test split."""
+    from transformers import set_seed
+
+    if not test_file.exists():
+        raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
+    rows = read_jsonl(test_file)
+    set_seed(params.evaluate.seed)
+    tokenizer = load_tokenizer(params.model)
+    model = load_model(params, which, Path(params.train.adapter_dir))
+    print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
+
+    metrics = {"examples": len(rows)}
+    metrics.update(loss_and_token_metrics(model, rows, tokenizer.pad_token_id, params.evaluate.batch_size))
+    predictions = generate(model, tokenizer, [r["prompt"] for r in rows], params.evaluate)
+    references = [r["response"] for r in rows]
+    metrics.update(score(predictions, references, params.evaluate))
+    records = [{"source": r["source"], "prompt": r["prompt"], "reference": ref, "prediction": pred}
+               for r, ref, pred in zip(rows, references, predictions, strict=True)]
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Evaluate a model on the test split.")
+    parser.add_argument("--model", choices=["finetuned", "base"], default="finetuned")
+    args = parser.parse_args()
+    params = load_params()
+    metrics, records = run(params, args.model)
+    write_jsonl(Path(f"outputs/predictions_{args.model}.jsonl"), records)
+    write_json(Path(f"metrics/eval_{args.model}.json"), metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,282 @@
+"""params.yaml, typed: one dataclass per section, checked before any stage touches a model or a dataset.
+
+The dataclasses below *are* the schema. `load_params()` reads params.yaml, rejects unknown keys (naming the closest
+valid one), wrong types and out-of-range values, collects every problem, and raises one `ParamsError` listing them all
+with their line in the file. Values set with `dvc exp run -S` land in params.yaml first, so they get the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """Every problem found in params.yaml, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid parameters:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class DataParams:
+    path: str = "data/raw/transforms.jsonl"  # JSONL/JSON, CSV, Parquet... anything `datasets` loads
+    prompt_field: str | None = None  # null = recognize prompt/response or instruction/input/output
+    input_field: str | None = None  # optional context appended to the prompt (Alpaca's "input")
+    response_field: str | None = None
+    validation_path: str | None = None  # given split files instead of the ratio split below
+    test_path: str | None = None
+    validation_ratio: float = 0.05  # share of examples held out to pick checkpoints
+    test_ratio: float = 0.1  # share held out for the evaluate stage; never trained on
+    seed: int = 42  # fixes the split
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("validation_ratio", "test_ratio"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                out.append(f"data.{name}: {value} is outside [0, 1)")
+        if self.validation_ratio + self.test_ratio >= 1:
+            out.append(f"data.validation_ratio + data.test_ratio = {self.validation_ratio + self.test_ratio}: "
+                       "must be below 1 to leave training examples")
+        if self.validation_path is None and self.validation_ratio == 0:
+            out.append("data.validation_ratio: 0 leaves no validation split; set it above 0 or set data.validation_path")
+        if self.test_path is None and self.test_ratio == 0:
+            out.append("data.test_ratio: 0 leaves no test split; set it above 0 or set data.test_path")
+        if (self.prompt_field is None) != (self.response_field is None):
+            out.append("data.prompt_field and data.response_field: set both, or neither to auto-detect")
+        return out
+
+
+@dataclass
+class PrepareParams:
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # must contain {prompt}; the response follows it
+    max_length: int = 128  # tokens per example, prompt + response; longer ones are handled per `overlong`
+    overlong: Literal["truncate", "drop"] = "truncate"  # truncate the response, or drop the example
+
+    def problems(self) -> list[str]:
+        out = []
+        if "{prompt}" not in self.template:
+            out.append(f"prepare.template: {self.template!r} has no {{prompt}} placeholder")
+        if self.max_length < 2:
+            out.append(f"prepare.max_length: {self.max_length} must be at least 2")
+        return out
+
+
+@dataclass
+class ModelParams:
+    model_name: str = "models/base"  # a local directory or a Hugging Face hub id, e.g. Qwen/Qwen2.5-0.5B
+    revision: str | None = None  # pin a hub commit so a hub model is as reproducible as a local one
+
+    def problems(self) -> list[str]:
+        return [] if self.model_name.strip() else ["model.model_name: must not be empty"]
+
+
+@dataclass
+class TrainParams:
+    method: Literal["lora"] = "lora"
+    output_dir: str = "models/checkpoints"  # Trainer checkpoints (every save_steps)
+    adapter_dir: str = "models/adapter"  # the final adapter, tokenizer and resolved config
+    num_train_epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs; handy for quick experiments
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1  # effective batch = per-device batch x this x processes
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    save_steps: int = 500
+    eval_steps: int = 500
+    save_total_limit: int = 2
+    fp16: bool = False  # CUDA only: fp16 autocast with gradient scaling
+    bf16: bool = False  # bf16 autocast on CUDA (Ampere+) or CPU
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    dataloader_num_workers: int = 0
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        out = []
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps", "eval_steps", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                out.append(f"train.{name}: {getattr(self, name)} must be at least 1")
+        if self.learning_rate <= 0:
+            out.append(f"train.learning_rate: {self.learning_rate} must be positive")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            out.append(f"train.num_train_epochs: {self.num_train_epochs} must be positive (or set train.max_steps)")
+        for name in ("weight_decay", "warmup_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                out.append(f"train.{name}: {getattr(self, name)} must not be negative")
+        if self.fp16 and self.bf16:
+            out.append("train.fp16 and train.bf16: both are true; choose one")
+        return out
+
+
+@dataclass
+class LoraParams:
+    r: int = 8  # adapter rank: higher = more capacity, more memory
+    lora_alpha: int = 32  # scale = lora_alpha / r
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_dropout: float = 0.05
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    inference_mode: bool = False  # true freezes the adapter; training needs false
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append(f"lora.r: {self.r} must be at least 1")
+        if self.lora_alpha <= 0:
+            out.append(f"lora.lora_alpha: {self.lora_alpha} must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            out.append(f"lora.lora_dropout: {self.lora_dropout} is outside [0, 1)")
+        if not self.target_modules:
+            out.append("lora.target_modules: must name at least one module")
+        return out
+
+
+@dataclass
+class EvaluateParams:
+    batch_size: int = 64  # prompts per generate() call and rows per loss batch; lower it if memory runs out
+    max_new_tokens: int = 32
+    do_sample: bool = False  # false = greedy, reproducible
+    temperature: float = 1.0  # used only when do_sample
+    top_p: float = 1.0  # used only when do_sample
+    labels: Literal["auto", "off"] | list[str] = "auto"  # label-set metrics: auto-detect, off, or the label list
+    max_labels: int = 20  # auto: references with at most this many distinct values are treated as labels
+    seed: int = 0  # for sampling; greedy decoding does not use it
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.batch_size < 1:
+            out.append(f"evaluate.batch_size: {self.batch_size} must be at least 1")
+        if self.max_new_tokens < 1:
+            out.append(f"evaluate.max_new_tokens: {self.max_new_tokens} must be at least 1")
+        if self.temperature <= 0:
+            out.append(f"evaluate.temperature: {self.temperature} must be positive")
+        if not 0 < self.top_p <= 1:
+            out.append(f"evaluate.top_p: {self.top_p} is outside (0, 1]")
+        if self.max_labels < 2:
+            out.append(f"evaluate.max_labels: {self.max_labels} must be at least 2")
+        return out
+
+
+@dataclass
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    prepare: PrepareParams = field(default_factory=PrepareParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        inner = typing.get_args(tp)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(inner, _type_name(inner))
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Map 'section.key' -> line number (1-based) from a composed YAML tree."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = f"{prefix}{key_node.value}"
+            lines[path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, path + "."))
+    return lines
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from `raw`, appending every problem found to `problems`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.')}: expected a mapping of keys, got {raw!r}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+        elif dataclasses.is_dataclass(hints[key]):
+            values[key] = _build(hints[key], value, f"{prefix}{key}.", problems)
+        elif not _matches(value, hints[key]):
+            problems.append(f"{prefix}{key}: {value!r} is not {_type_name(hints[key])}")
+        else:
+            values[key] = float(value) if hints[key] is float else value
+    instance = cls(**values)
+    if hasattr(instance, "problems") and len(values) == len(raw):  # range checks only on well-typed sections
+        problems.extend(instance.problems())
+    return instance
+
+
+def parse_params(text: str, source: str = str(PARAMS_FILE)) -> Params:
+    """Parse and validate params YAML text; raise ParamsError with every problem, each with its line."""
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ParamsError([f"{source}: not valid YAML: {err}"]) from err
+    problems: list[str] = []
+    params = _build(Params, raw, "", problems)
+    if problems:
+        lines = _key_lines(node) if node is not None else {}
+
+        def located(problem: str) -> str:
+            key = problem.split(":", 1)[0].split(" and ")[0]
+            line = lines.get(key) or lines.get(key.split(".")[0])
+            return f"{source}:{line}: {problem}" if line else f"{source}: {problem}"
+
+        raise ParamsError([located(p) for p in problems])
+    return params
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError([f"{path}: not found (run from the repository root)"])
+    return parse_params(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    return dataclasses.asdict(section)

@@ -1,0 +1,226 @@
+"""train: fine-tune the base model with LoRA on the prepared train split, using the Hugging Face Trainer.
+
+    dvc repro train
+    dvc exp run -S train.learning_rate=1e-3 -S lora.r=16
+    python -m stages.train                   # the same, without DVC
+
+Reads params `model`, `train` and `lora`. Writes the adapter (safetensors), the tokenizer and train_config.json (the
+resolved config, device and precision) to train.adapter_dir; Trainer checkpoints to train.output_dir; and
+metrics/train.json. Device and precision are decided once, printed with the reason, and recorded in the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
+                           write_json)
+from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
+
+PREPARED_DIR = Path("data/prepared")
+METRICS_FILE = Path("metrics/train.json")
+
+
+@dataclass
+class Precision:
+    device: str  # "cuda" or "cpu"
+    dtype: str  # "fp32", "fp16" (autocast + gradient scaling) or "bf16" (autocast)
+    reason: str
+
+
+def choose_precision(train: TrainParams, cuda: bool, cuda_bf16: bool) -> Precision:
+    """Pure decision from the params and the hardware; impossible requests are errors, not silent fallbacks."""
+    if cuda:
+        if train.fp16:
+            return Precision("cuda", "fp16", "train.fp16=true: fp16 autocast with dynamic gradient scaling")
+        if train.bf16:
+            if not cuda_bf16:
+                raise StageError("train.bf16: true, but this GPU has no bf16 support; use train.fp16 instead")
+            return Precision("cuda", "bf16", "train.bf16=true: bf16 autocast (no gradient scaling needed)")
+        return Precision("cuda", "fp32", "no train.fp16/bf16 set: full fp32 (set train.bf16=true for speed)")
+    if train.fp16:
+        raise StageError("train.fp16: true, but there is no CUDA device and fp16 training is CUDA-only; "
+                         "set train.fp16=false (and train.bf16=true for bf16 on CPU)")
+    if train.bf16:
+        return Precision("cpu", "bf16", "no CUDA device; train.bf16=true: bf16 autocast on CPU")
+    return Precision("cpu", "fp32", "no CUDA device: training on CPU in fp32")
+
+
+def lora_config(lora: LoraParams):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
+                      lora_dropout=lora.lora_dropout, bias=lora.bias, task_type=lora.task_type,
+                      inference_mode=lora.inference_mode)
+
+
+def training_arguments(train: TrainParams, precision: Precision):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=train.output_dir,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,  # AdamW's decoupled decay
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type="linear",  # linear warmup, then linear decay to 0
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        fp16=precision.dtype == "fp16",
+        bf16=precision.dtype == "bf16",
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=train.dataloader_num_workers,
+        seed=train.seed,
+        data_seed=train.seed,
+        use_cpu=precision.device == "cpu",
+        include_num_input_tokens_seen="non_padding",
+        report_to=[],
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, one line per logging step instead of a bar
+    )
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def load_split(prepared_dir: Path, name: str) -> list[dict]:
+    path = prepared_dir / f"{name}.jsonl"
+    if not path.exists():
+        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+
+
+class StepTimer(TrainerCallback):
+    """Trainer callback timing optimizer steps only, so tokens/s is not diluted by evaluation and checkpoints."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._t
+
+
+def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
+    """The Trainer, ready to train, and the precision chosen; nothing is trained or written yet."""
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    train = params.train
+    cuda = torch.cuda.is_available()
+    precision = choose_precision(train, cuda, cuda and torch.cuda.is_bf16_supported())
+    print(f"device: {precision.device}, precision: {precision.dtype} ({precision.reason})")
+
+    set_seed(train.seed)
+    train_rows, val_rows = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
+    tokenizer = load_tokenizer(params.model)
+    model = load_base_model(params.model)
+    model.config.use_cache = False  # the KV cache is for generation; training does not use it
+    model = get_peft_model(model, lora_config(params.lora))
+    trainable, total = model.get_nb_trainable_parameters()
+    print(f"method: lora, trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(train, precision),
+        train_dataset=train_rows,
+        eval_dataset=val_rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    return trainer, precision
+
+
+def save_adapter(params: Params, trainer, precision: Precision) -> None:
+    """Adapter (safetensors), tokenizer and resolved config, written beside each other and moved in at once."""
+    adapter_dir = Path(params.train.adapter_dir)
+    tmp_dir = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    trainer.model.save_pretrained(tmp_dir)  # adapter weights only
+    trainer.processing_class.save_pretrained(tmp_dir)
+    write_json(tmp_dir / "train_config.json", {
+        "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
+        "device": precision.device, "precision": precision.dtype, "precision_reason": precision.reason,
+        "versions": versions()})
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    tmp_dir.rename(adapter_dir)
+
+
+def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
+    started = time.perf_counter()
+    trainer, precision = setup(params, prepared_dir)
+    timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
+    if precision.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    state = trainer.state
+    if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
+        trainer.evaluate()  # make sure the final weights have a validation loss
+    save_adapter(params, trainer, precision)
+
+    train = params.train
+    train_losses = [e["loss"] for e in state.log_history if "loss" in e]
+    eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+    tokens = int(state.num_input_tokens_seen)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    return {
+        "method": "lora",
+        "device": precision.device,
+        "precision": precision.dtype,
+        "final_train_loss": round(train_losses[-1], 6) if train_losses else None,
+        "best_eval_loss": round(min(eval_losses), 6),
+        "final_eval_loss": round(eval_losses[-1], 6),
+        "steps": state.global_step,
+        "epochs": round(state.epoch or 0.0, 4),
+        "tokens_trained": tokens,
+        "tokens_per_second": round(tokens / timer.seconds, 1) if timer.seconds else None,
+        "train_time_s": round(timer.seconds, 2),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
+        "peak_memory_kind": "cuda_allocated" if precision.device == "cuda" else "cpu_rss",
+        "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
+                                 * trainer.args.world_size),
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def main() -> None:
+    params = load_params()
+    metrics = run(params)
+    write_json(METRICS_FILE, metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)
