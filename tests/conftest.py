@@ -1,0 +1,83 @@
+"""Toy-scale fixtures: a 2-layer, 32-wide Llama with its own small BPE tokenizer, and ~120 bundled-style examples.
+
+Nothing is downloaded: the tokenizer is trained and the model built from a config, in seconds, once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from make_dataset import instruction_pairs, related_sentences  # noqa: E402
+from pretrain_base import train_tokenizer  # noqa: E402
+
+# Small enough to run each stage in seconds, big enough that LoRA has q_proj/v_proj to adapt.
+TOY_PARAMS = {
+    "data": {"path": "data/raw/toy.jsonl", "validation_ratio": 0.1, "test_ratio": 0.15},
+    "prepare": {"max_length": 96},
+    "train": {"max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+              "learning_rate": 5e-3, "logging_steps": 2, "eval_steps": 3, "save_steps": 3, "warmup_steps": 1},
+    "evaluate": {"batch_size": 8, "max_new_tokens": 8},
+}
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("toy-model")
+    texts = related_sentences(2000, seed=0) + [p["prompt"] + "\n" + p["response"]
+                                               for p in instruction_pairs(500, seed=1)]
+    tokenizer = train_tokenizer(texts + ["### Instruction:\n\n### Response:\n"] * 10, vocab_size=300)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                         # wide init: a random model whose greedy outputs differ from prompt to prompt
+                         tie_word_embeddings=True, initializer_range=0.3, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_toy_data(path: Path, n: int = 120) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(p) + "\n" for p in instruction_pairs(n, seed=7)))
+
+
+def toy_params_dict(model_dir: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TOY_PARAMS.items():
+        params[section].update(values)
+    params["model"]["model_name"] = str(model_dir)
+    return params
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, toy_model_dir) -> Path:
+    """A working directory holding params.yaml (toy settings) and the toy data; the stages run inside it."""
+    write_toy_data(tmp_path / "data/raw/toy.jsonl")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def dvc_repo(tmp_path, toy_model_dir) -> Path:
+    """A fresh git + DVC repository holding the real pipeline files, toy params and toy data."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_toy_data(repo / "data/raw/toy.jsonl")
+    (repo / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
+    return repo

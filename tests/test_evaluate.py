@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from stages import evaluate, prepare, train
+from stages.common import read_jsonl
+from stages.params import EvaluateParams, load_params
+
+
+@pytest.fixture
+def toy(toy_model_dir):
+    return (AutoModelForCausalLM.from_pretrained(toy_model_dir).eval(),
+            AutoTokenizer.from_pretrained(toy_model_dir))
+
+
+def test_batched_greedy_generation_matches_one_prompt_at_a_time(toy):
+    model, tokenizer = toy
+    prompts = [f"### Instruction:\n{p}\n\n### Response:\n" for p in
+               ["Spell out the number 7.", "Convert 3 km to meters.", "Reverse the word order: red cat dog sun",
+                "Write the date 2001-02-03 in words.", "Convert 23:05 to 12-hour time."]]
+    params = EvaluateParams(batch_size=5, max_new_tokens=8)
+    batched = evaluate.generate(model, tokenizer, prompts, params)
+    single = [evaluate.generate(model, tokenizer, [p], EvaluateParams(batch_size=1, max_new_tokens=8))[0]
+              for p in prompts]
+    assert batched == single
+    assert len(set(batched)) > 1  # the toy model does say different things
+
+
+def test_loss_pass_equals_token_weighted_model_loss(toy):
+    model, tokenizer = toy
+    rows = []
+    for prompt, response in [("Spell out 5.", "five"), ("Convert 2 kg to grams.", "2000 g"), ("Hi", "a b c d")]:
+        record, _ = prepare.tokenize_example(prepare.Example(prompt, response, "x"), tokenizer,
+                                             prepare.PrepareParams())
+        rows.append(record)
+    out = evaluate.loss_and_token_metrics(model, rows, tokenizer.pad_token_id, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            n = sum(label != -100 for label in r["labels"][1:])
+            total += model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss * n
+            count += n
+    assert out["eval_loss"] == pytest.approx(float(total / count), rel=1e-5)
+    assert out["perplexity"] == pytest.approx(float(torch.exp(total / count)), rel=1e-5)
+    assert 0 <= out["token_accuracy"] <= 1
+
+
+def test_run_scores_base_and_finetuned_and_writes_every_prediction(workdir):
+    params = load_params()
+    prepare.run(params)
+    train.run(params)
+    for which in ("base", "finetuned"):
+        metrics, records = evaluate.run(params, which)
+        test_rows = read_jsonl(workdir / "data/prepared/test.jsonl")
+        assert metrics["examples"] == len(records) == len(test_rows)
+        assert [r["reference"] for r in records] == [r["response"] for r in test_rows]
+        assert {"exact_match", "bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL", "eval_loss", "perplexity",
+                "token_accuracy", "token_f1", "distinct_1", "distinct_2", "repetition_rate"} <= set(metrics)
+        json.dumps(metrics)  # plain JSON types only
+
+
+def test_label_metrics_appear_for_label_data():
+    out = evaluate.score(["yes", "no", "maybe so", "yes"], ["yes", "no", "yes", "no"], EvaluateParams())
+    assert out["label_accuracy"] == 0.5 and out["label_unparseable"] == 1
+    assert "label_f1" not in evaluate.score(["a"], ["b"], EvaluateParams())

@@ -1,0 +1,66 @@
+import pytest
+
+from stages.params import Params, ParamsError, load_params, parse_params
+
+from conftest import ROOT
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ParamsError) as err:
+        parse_params(text, source="params.yaml")
+    return err.value.problems
+
+
+def test_repository_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert params.lora.r == 8 and params.lora.lora_alpha == 32
+    assert params.lora.target_modules == ["q_proj", "v_proj"]
+    assert params.lora.bias == "none" and params.lora.task_type == "CAUSAL_LM"
+
+
+def test_missing_sections_take_defaults():
+    params = parse_params("train:\n  learning_rate: 1.0e-4\n")
+    assert params.train.learning_rate == 1e-4
+    assert params.lora == Params().lora
+
+
+def test_unknown_key_names_path_line_and_closest_key():
+    problems = problems_of("train:\n  seed: 1\n  learnig_rate: 0.001\n")
+    assert problems == ["params.yaml:3: train.learnig_rate: unknown key; did you mean train.learning_rate?"]
+
+
+def test_unknown_section_is_an_error():
+    assert "did you mean evaluate?" in problems_of("evalute:\n  batch_size: 4\n")[0]
+
+
+def test_all_problems_are_reported_together():
+    problems = problems_of(
+        "train:\n  learning_rate: -1\n  fp16: true\n  bf16: true\n"
+        "lora:\n  r: 0\n  lora_dropout: 1.5\n"
+        "data:\n  test_ratio: 1.2\n")
+    text = "\n".join(problems)
+    assert "train.learning_rate: -1.0 must be positive" in text
+    assert "train.fp16 and train.bf16: both are true" in text
+    assert "lora.r: 0 must be at least 1" in text
+    assert "lora.lora_dropout: 1.5 is outside [0, 1)" in text
+    assert "data.test_ratio: 1.2 is outside [0, 1)" in text
+    assert problems[0].startswith("params.yaml:2: ")  # each problem carries its line
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  per_device_train_batch_size: four\n", "'four' is not an integer"),
+    ("train:\n  fp16: 1\n", "1 is not true/false"),
+    ("lora:\n  target_modules: q_proj\n", "is not a list of strings"),
+    ("lora:\n  bias: some\n", "'some' is not 'none' or 'all' or 'lora_only'"),
+    ("prepare:\n  overlong: cut\n", "'cut' is not 'truncate' or 'drop'"),
+])
+def test_wrong_types_name_key_value_and_allowed(text, expected):
+    assert expected in problems_of(text)[0]
+
+
+def test_invalid_yaml_is_reported():
+    assert "not valid YAML" in problems_of("train: [unclosed\n")[0]
+
+
+def test_integers_are_accepted_for_floats():
+    assert parse_params("train:\n  num_train_epochs: 2\n").train.num_train_epochs == 2.0

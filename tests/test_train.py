@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from stages import prepare, train
+from stages.common import StageError
+from stages.params import TrainParams, load_params
+
+
+@pytest.mark.parametrize("cuda, bf16_ok, flags, expected", [
+    (False, False, {}, ("cpu", "fp32")),
+    (False, False, {"bf16": True}, ("cpu", "bf16")),
+    (True, True, {}, ("cuda", "fp32")),
+    (True, True, {"fp16": True}, ("cuda", "fp16")),
+    (True, True, {"bf16": True}, ("cuda", "bf16")),
+])
+def test_choose_precision(cuda, bf16_ok, flags, expected):
+    chosen = train.choose_precision(TrainParams(**flags), cuda=cuda, cuda_bf16=bf16_ok)
+    assert (chosen.device, chosen.dtype) == expected
+    assert chosen.reason
+
+
+@pytest.mark.parametrize("cuda, bf16_ok, flags, message", [
+    (False, False, {"fp16": True}, "fp16 training is CUDA-only"),
+    (True, False, {"bf16": True}, "no bf16 support"),
+])
+def test_impossible_precision_is_refused(cuda, bf16_ok, flags, message):
+    with pytest.raises(StageError, match=message):
+        train.choose_precision(TrainParams(**flags), cuda=cuda, cuda_bf16=bf16_ok)
+
+
+def test_lora_weights_change_and_base_weights_do_not(workdir):
+    params = load_params()
+    prepare.run(params)
+    trainer, _ = train.setup(params)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(after[n].requires_grad for n in lora)
+    assert all(not torch.equal(before[n], after[n]) for n in lora if "lora_B" in n or "lora_A" in n)
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+
+
+def test_run_writes_adapter_tokenizer_config_and_metrics(workdir):
+    params = load_params()
+    prepare.run(params)
+    metrics = train.run(params)
+    adapter = workdir / params.train.adapter_dir
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "tokenizer.json").exists()
+    config = json.loads((adapter / "train_config.json").read_text())
+    assert config["lora"]["r"] == params.lora.r and config["precision"] == "fp32"
+    assert metrics["steps"] == 6 and metrics["effective_batch_size"] == 8
+    assert metrics["device"] == "cpu" and metrics["precision"] == "fp32" and metrics["method"] == "lora"
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["tokens_trained"] > 6 * 8 * 10 and metrics["tokens_per_second"] > 0
+    assert metrics["best_eval_loss"] <= metrics["final_eval_loss"]
+    assert metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] >= metrics["train_time_s"] > 0
+    assert sorted(p.name for p in (workdir / params.train.output_dir).iterdir()) == ["checkpoint-3", "checkpoint-6"]
