@@ -84,9 +84,9 @@ class ModelParams:
 
 @dataclass
 class TrainParams:
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "qlora", "full"] = "lora"  # qlora: 4-bit base (see quantization); full: every weight
     output_dir: str = "models/checkpoints"  # Trainer checkpoints (every save_steps)
-    adapter_dir: str = "models/adapter"  # the final adapter, tokenizer and resolved config
+    finetuned_dir: str = "models/finetuned"  # the adapter (or full model), tokenizer and resolved config
     num_train_epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides num_train_epochs; handy for quick experiments
     per_device_train_batch_size: int = 16
@@ -125,14 +125,27 @@ class TrainParams:
 
 
 @dataclass
+class QuantizationParams:
+    """bitsandbytes 4-bit loading of the base model, used when train.method is qlora."""
+    load_in_4bit: bool = True
+    bnb_4bit_use_double_quant: bool = True  # quantize the quantization constants too: ~0.4 bit/param less
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # nf4 suits normally distributed weights
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the matmuls
+    device_map: str | None = "auto"  # where the quantized layers go; auto = the GPU if there is one
+
+
+@dataclass
 class LoraParams:
     r: int = 8  # adapter rank: higher = more capacity, more memory
-    lora_alpha: int = 32  # scale = lora_alpha / r
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_alpha: int = 32  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
+    target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q_proj", "v_proj"])
     lora_dropout: float = 0.05
     bias: Literal["none", "all", "lora_only"] = "none"
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     inference_mode: bool = False  # true freezes the adapter; training needs false
+    use_dora: bool = False  # weight-decomposed LoRA: closer to full fine-tuning, ~2x slower steps
+    use_rslora: bool = False  # rank-stabilized scale alpha/sqrt(r): keeps high ranks learning
+    modules_to_save: list[str] | None = None  # modules trained in full beside the adapter, e.g. [lm_head]
 
     def problems(self) -> list[str]:
         out = []
@@ -144,6 +157,8 @@ class LoraParams:
             out.append(f"lora.lora_dropout: {self.lora_dropout} is outside [0, 1)")
         if not self.target_modules:
             out.append("lora.target_modules: must name at least one module")
+        if self.inference_mode:
+            out.append("lora.inference_mode: true freezes the adapter, so training would change nothing; set false")
         return out
 
 
@@ -174,13 +189,68 @@ class EvaluateParams:
 
 
 @dataclass
+class ExportParams:
+    merged_dir: str = "models/merged"  # standalone model: base + adapter merged, loads without peft
+    check_examples: int = 32  # test prompts on which merged and adapter greedy outputs are compared
+
+    def problems(self) -> list[str]:
+        return [] if self.check_examples >= 1 else [f"export.check_examples: {self.check_examples} must be >= 1"]
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     lora: LoraParams = field(default_factory=LoraParams)
+    quantization: QuantizationParams = field(default_factory=QuantizationParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+
+    def problems(self) -> list[str]:
+        if self.train.method == "qlora" and not self.quantization.load_in_4bit:
+            return ["quantization.load_in_4bit: false, but train.method=qlora trains on a 4-bit base; "
+                    "set it true, or use train.method=lora"]
+        return []
+
+
+@dataclass
+class Hardware:
+    cuda: bool
+    cuda_bf16: bool
+    bitsandbytes: bool
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        import importlib.util
+
+        import torch
+
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+                   bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+
+
+def hardware_problems(params: Params, hw: Hardware) -> list[str]:
+    """Requests this machine cannot carry out: refused up front instead of silently changed."""
+    out = []
+    train, quant = params.train, params.quantization
+    if train.fp16 and not hw.cuda:
+        out.append("train.fp16: true, but there is no CUDA device and fp16 training is CUDA-only; "
+                   "set train.fp16=false (train.bf16=true gives bf16 on CPU)")
+    if train.bf16 and hw.cuda and not hw.cuda_bf16:
+        out.append("train.bf16: true, but this GPU has no bf16 support (it needs Ampere or newer); "
+                   "use train.fp16=true instead")
+    if train.method == "qlora":
+        if not hw.bitsandbytes:
+            out.append("train.method: qlora needs bitsandbytes; install it with pip install 'bitsandbytes>=0.47'")
+        if quant.bnb_4bit_compute_dtype == "float16" and not hw.cuda:
+            out.append("quantization.bnb_4bit_compute_dtype: float16 needs a CUDA device; "
+                       "use float32 (fast) or bfloat16 on CPU")
+        if quant.bnb_4bit_compute_dtype == "bfloat16" and hw.cuda and not hw.cuda_bf16:
+            out.append("quantization.bnb_4bit_compute_dtype: bfloat16 is not supported by this GPU; use float16")
+    return out
 
 
 def _type_name(tp: Any) -> str:
@@ -250,8 +320,9 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return instance
 
 
-def parse_params(text: str, source: str = str(PARAMS_FILE)) -> Params:
-    """Parse and validate params YAML text; raise ParamsError with every problem, each with its line."""
+def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware | None = None) -> Params:
+    """Parse and validate params YAML text; raise ParamsError with every problem, each with its line.
+    With `hardware`, also refuse what that machine cannot do."""
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)
@@ -259,6 +330,8 @@ def parse_params(text: str, source: str = str(PARAMS_FILE)) -> Params:
         raise ParamsError([f"{source}: not valid YAML: {err}"]) from err
     problems: list[str] = []
     params = _build(Params, raw, "", problems)
+    if not problems and hardware is not None:
+        problems.extend(hardware_problems(params, hardware))
     if problems:
         lines = _key_lines(node) if node is not None else {}
 
@@ -272,10 +345,11 @@ def parse_params(text: str, source: str = str(PARAMS_FILE)) -> Params:
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """params.yaml, checked against the schema and against this machine: what every stage calls first."""
     path = Path(path)
     if not path.exists():
         raise ParamsError([f"{path}: not found (run from the repository root)"])
-    return parse_params(path.read_text(encoding="utf-8"), source=str(path))
+    return parse_params(path.read_text(encoding="utf-8"), source=str(path), hardware=Hardware.detect())
 
 
 def as_dict(section: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 import pytest
 
-from stages.params import Params, ParamsError, load_params, parse_params
+from stages.params import Hardware, Params, ParamsError, load_params, parse_params
 
 from conftest import ROOT
 
@@ -64,3 +64,38 @@ def test_invalid_yaml_is_reported():
 
 def test_integers_are_accepted_for_floats():
     assert parse_params("train:\n  num_train_epochs: 2\n").train.num_train_epochs == 2.0
+
+
+CPU = Hardware(cuda=False, cuda_bf16=False, bitsandbytes=True)
+OLD_GPU = Hardware(cuda=True, cuda_bf16=False, bitsandbytes=True)
+
+
+@pytest.mark.parametrize("text, hardware, expected", [
+    ("train:\n  fp16: true\n", CPU, "train.fp16: true, but there is no CUDA device"),
+    ("train:\n  bf16: true\n", OLD_GPU, "train.bf16: true, but this GPU has no bf16 support"),
+    ("train:\n  method: qlora\nquantization:\n  bnb_4bit_compute_dtype: float16\n", CPU,
+     "quantization.bnb_4bit_compute_dtype: float16 needs a CUDA device"),
+    ("train:\n  method: qlora\n", OLD_GPU, "quantization.bnb_4bit_compute_dtype: bfloat16 is not supported"),
+    ("train:\n  method: qlora\n", Hardware(cuda=False, cuda_bf16=False, bitsandbytes=False),
+     "qlora needs bitsandbytes"),
+])
+def test_requests_the_hardware_cannot_do_are_refused(text, hardware, expected):
+    with pytest.raises(ParamsError) as err:
+        parse_params(text, source="params.yaml", hardware=hardware)
+    assert expected in "\n".join(err.value.problems)
+
+
+def test_cpu_can_do_bf16_and_qlora_in_float32():
+    parse_params("train:\n  bf16: true\n", hardware=CPU)
+    parse_params("train:\n  method: qlora\nquantization:\n  bnb_4bit_compute_dtype: float32\n", hardware=CPU)
+
+
+def test_qlora_needs_4bit_loading():
+    assert "quantization.load_in_4bit: false" in problems_of(
+        "train:\n  method: qlora\nquantization:\n  load_in_4bit: false\n")[0]
+
+
+def test_lora_variants_and_all_linear_are_accepted():
+    params = parse_params("lora:\n  target_modules: all-linear\n  use_dora: true\n  use_rslora: true\n"
+                          "  modules_to_save: [lm_head]\n")
+    assert params.lora.target_modules == "all-linear" and params.lora.modules_to_save == ["lm_head"]
