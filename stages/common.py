@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from stages.params import ModelParams, ParamsError
+from stages.params import ModelParams, ParamsError, QuantizationParams
 
 
 IGNORE_INDEX = -100  # labels with this value are skipped by the loss (PyTorch's cross_entropy default)
@@ -79,14 +79,52 @@ def load_tokenizer(model: ModelParams):
     return tokenizer
 
 
-def load_base_model(model: ModelParams, dtype=None):
-    """The base model, from a local directory or the hub, weights through safetensors only."""
+def quantization_config(quant: QuantizationParams):
+    """params.quantization -> transformers' BitsAndBytesConfig (4-bit)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=quant.load_in_4bit, bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype))
+
+
+def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None):
+    """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
+    `quantization` is given (QLoRA), else in fp32 (mixed precision is the Trainer's autocast, not the weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs = {}
+    if quantization is not None:
+        kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
     return AutoModelForCausalLM.from_pretrained(
-        model.model_name, revision=model.revision, dtype=dtype or torch.float32, use_safetensors=True,
-        attn_implementation="sdpa")
+        model.model_name, revision=model.revision, dtype=torch.float32, use_safetensors=True,
+        attn_implementation="sdpa", **kwargs)
+
+
+def read_train_config(finetuned_dir: Path) -> dict:
+    path = finetuned_dir / "train_config.json"
+    if not path.exists():
+        raise StageError(f"{finetuned_dir}: no fine-tuned model found; run the train stage first (dvc repro train)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_finetuned(finetuned_dir: Path, quantized: bool = True):
+    """The fine-tuned model as the train stage left it, read from its own train_config.json: a full model, or the
+    base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_train_config(finetuned_dir)
+    if config["train"]["method"] == "full":
+        return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa")
+    from peft import PeftModel
+
+    quant = QuantizationParams(**config["quantization"]) \
+        if config["train"]["method"] == "qlora" and quantized else None
+    base = load_base_model(ModelParams(**config["model"]), quant)
+    return PeftModel.from_pretrained(base, finetuned_dir)
 
 
 def run_main(stage: Callable[[], None]) -> None:

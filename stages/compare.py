@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stages.common import StageError, write_text, run_main, write_json
 from stages.metrics import direction
+from stages.params import load_params
 
 BASE_FILE, FINETUNED_FILE = Path("metrics/eval_base.json"), Path("metrics/eval_finetuned.json")
 ARROWS = {"higher": "↑", "lower": "↓", "neutral": "·"}
@@ -50,6 +51,7 @@ def load(path: Path) -> dict:
 
 
 def main() -> None:
+    load_params()  # reads no params, but refuses to run on an invalid params.yaml like every stage
     table = compare(load(BASE_FILE), load(FINETUNED_FILE))
     write_json("metrics/compare.json", table)
     write_text(Path("metrics/compare.md"), markdown(table))

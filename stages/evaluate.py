@@ -1,12 +1,13 @@
 """evaluate: score a model on the test split -- loss, perplexity, token metrics, batched generation, text metrics.
 
-    dvc repro evaluate                        # the fine-tuned model (base + adapter)
+    dvc repro evaluate                        # the fine-tuned model (base + adapter, or the full model)
     dvc repro evaluate_base                   # the base model alone; cached, reruns only when its inputs change
     dvc exp run -S evaluate.max_new_tokens=64
-    python -m stages.evaluate --model finetuned|base
+    python -m stages.evaluate --model finetuned|base|merged
 
-Reads params `model` and `evaluate` (not `train`: a generation setting never retrains). Writes
-metrics/eval_<model>.json and outputs/predictions_<model>.jsonl (every prompt, reference and prediction).
+Reads params `model` and `evaluate` (not the training ones: a generation setting never retrains; the fine-tuned
+model describes itself in its train_config.json). Writes metrics/eval_<model>.json and
+outputs/predictions_<model>.jsonl (every prompt, reference and prediction).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from stages import metrics as M
-from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, progress, read_jsonl, run_main,
-                           write_json, write_jsonl)
-from stages.params import EvaluateParams, Params, load_params
+from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_finetuned, load_tokenizer, progress,
+                           read_jsonl, run_main, write_json, write_jsonl)
+from stages.params import EvaluateParams, ModelParams, Params, load_params
 
 TEST_FILE = Path("data/prepared/test.jsonl")
 
@@ -90,29 +91,38 @@ def score(predictions: list[str], references: list[str], evaluate: EvaluateParam
     return out
 
 
-def load_model(params: Params, which: str, adapter_dir: Path):
-    model = load_base_model(params.model)
-    if which == "finetuned":
-        from peft import PeftModel
+def load_model(params: Params, which: str):
+    """'base': params.model as is; 'finetuned': as the train stage left it (LoRA, QLoRA on its 4-bit base, or full);
+    'merged': the standalone directory the merge stage exported, loaded by plain transformers."""
+    from transformers import AutoModelForCausalLM
 
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise StageError(f"{adapter_dir}: no adapter found; run the train stage first (dvc repro train)")
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    if torch.cuda.is_available():
+    if which == "base":
+        model = load_base_model(params.model)
+    elif which == "finetuned":
+        model = load_finetuned(Path(params.train.finetuned_dir))
+    else:
+        merged_dir = Path(params.export.merged_dir)
+        if not (merged_dir / "config.json").exists():
+            raise StageError(f"{merged_dir}: no merged model; run the merge stage first (dvc repro merge)")
+        model = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True, attn_implementation="sdpa")
+    if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
         model = model.to("cuda")
     return model.eval()
 
 
 def run(params: Params, which: str, test_file: Path = TEST_FILE) -> tuple[dict, list[dict]]:
-    """Metrics and per-example predictions for `which` ('base' or 'finetuned') on the test split."""
+    """Metrics and per-example predictions for `which` ('base', 'finetuned' or 'merged') on the test split."""
     from transformers import set_seed
 
     if not test_file.exists():
         raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
     rows = read_jsonl(test_file)
     set_seed(params.evaluate.seed)
-    tokenizer = load_tokenizer(params.model)
-    model = load_model(params, which, Path(params.train.adapter_dir))
+    model_dir = {"base": params.model.model_name, "finetuned": params.train.finetuned_dir,
+                 "merged": params.export.merged_dir}[which]
+    tokenizer = load_tokenizer(ModelParams(model_name=model_dir, revision=params.model.revision
+                                           if which == "base" else None))
+    model = load_model(params, which)
     print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
 
     metrics = {"examples": len(rows)}
@@ -127,7 +137,7 @@ def run(params: Params, which: str, test_file: Path = TEST_FILE) -> tuple[dict, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Evaluate a model on the test split.")
-    parser.add_argument("--model", choices=["finetuned", "base"], default="finetuned")
+    parser.add_argument("--model", choices=["finetuned", "base", "merged"], default="finetuned")
     args = parser.parse_args()
     params = load_params()
     metrics, records = run(params, args.model)

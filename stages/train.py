@@ -1,12 +1,15 @@
-"""train: fine-tune the base model with LoRA on the prepared train split, using the Hugging Face Trainer.
+"""train: fine-tune the base model on the prepared train split with the Hugging Face Trainer: LoRA, QLoRA or full.
 
     dvc repro train
     dvc exp run -S train.learning_rate=1e-3 -S lora.r=16
+    dvc exp run -S train.method=qlora        # 4-bit base (bitsandbytes), LoRA on top
+    dvc exp run -S train.method=full -S train.learning_rate=5e-4
     python -m stages.train                   # the same, without DVC
 
-Reads params `model`, `train` and `lora`. Writes the adapter (safetensors), the tokenizer and train_config.json (the
-resolved config, device and precision) to train.adapter_dir; Trainer checkpoints to train.output_dir; and
-metrics/train.json. Device and precision are decided once, printed with the reason, and recorded in the metrics.
+Reads params `model`, `train`, `lora` and `quantization`. Writes the adapter (or the full model) as safetensors,
+the tokenizer and train_config.json (the resolved config, device and precision) to train.finetuned_dir; Trainer
+checkpoints to train.output_dir; and metrics/train.json. Method, quantization, device and precision are decided
+once, printed with the reason, and recorded in the metrics.
 """
 
 from __future__ import annotations
@@ -37,19 +40,14 @@ class Precision:
     reason: str
 
 
-def choose_precision(train: TrainParams, cuda: bool, cuda_bf16: bool) -> Precision:
-    """Pure decision from the params and the hardware; impossible requests are errors, not silent fallbacks."""
+def choose_precision(train: TrainParams, cuda: bool) -> Precision:
+    """Pure decision from validated params and the hardware (params.hardware_problems has refused the impossible)."""
     if cuda:
         if train.fp16:
             return Precision("cuda", "fp16", "train.fp16=true: fp16 autocast with dynamic gradient scaling")
         if train.bf16:
-            if not cuda_bf16:
-                raise StageError("train.bf16: true, but this GPU has no bf16 support; use train.fp16 instead")
             return Precision("cuda", "bf16", "train.bf16=true: bf16 autocast (no gradient scaling needed)")
         return Precision("cuda", "fp32", "no train.fp16/bf16 set: full fp32 (set train.bf16=true for speed)")
-    if train.fp16:
-        raise StageError("train.fp16: true, but there is no CUDA device and fp16 training is CUDA-only; "
-                         "set train.fp16=false (and train.bf16=true for bf16 on CPU)")
     if train.bf16:
         return Precision("cpu", "bf16", "no CUDA device; train.bf16=true: bf16 autocast on CPU")
     return Precision("cpu", "fp32", "no CUDA device: training on CPU in fp32")
@@ -60,7 +58,16 @@ def lora_config(lora: LoraParams):
 
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
                       lora_dropout=lora.lora_dropout, bias=lora.bias, task_type=lora.task_type,
-                      inference_mode=lora.inference_mode)
+                      inference_mode=lora.inference_mode, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      modules_to_save=lora.modules_to_save)
+
+
+def quantization_summary(params: Params) -> str:
+    if params.train.method != "qlora":
+        return "none"
+    q = params.quantization
+    return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
+            f"{q.bnb_4bit_compute_dtype} compute")
 
 
 def training_arguments(train: TrainParams, precision: Precision):
@@ -124,23 +131,29 @@ class StepTimer(TrainerCallback):
 
 
 def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
-    """The Trainer, ready to train, and the precision chosen; nothing is trained or written yet."""
-    from peft import get_peft_model
+    """The Trainer, ready to train, the precision chosen and the base weights' memory; nothing trained or written."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    train = params.train
-    cuda = torch.cuda.is_available()
-    precision = choose_precision(train, cuda, cuda and torch.cuda.is_bf16_supported())
+    train, method = params.train, params.train.method
+    precision = choose_precision(train, torch.cuda.is_available())
     print(f"device: {precision.device}, precision: {precision.dtype} ({precision.reason})")
+    print(f"method: {method}, base weights: {quantization_summary(params)}")
 
     set_seed(train.seed)
     train_rows, val_rows = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
     tokenizer = load_tokenizer(params.model)
-    model = load_base_model(params.model)
+    model = load_base_model(params.model, params.quantization if method == "qlora" else None)
+    base_memory_mb = model.get_memory_footprint() / 2**20
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
-    model = get_peft_model(model, lora_config(params.lora))
-    trainable, total = model.get_nb_trainable_parameters()
-    print(f"method: lora, trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    if method in ("lora", "qlora"):
+        model = get_peft_model(model, lora_config(params.lora))
+    trainable, total = trainable_parameters(model)
+    print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
+          f"base weights {base_memory_mb:.1f} MB")
 
     trainer = Trainer(
         model=model,
@@ -151,27 +164,36 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
         processing_class=tokenizer,
         callbacks=[StepTimer()],
     )
-    return trainer, precision
+    return trainer, precision, base_memory_mb
 
 
-def save_adapter(params: Params, trainer, precision: Precision) -> None:
-    """Adapter (safetensors), tokenizer and resolved config, written beside each other and moved in at once."""
-    adapter_dir = Path(params.train.adapter_dir)
-    tmp_dir = adapter_dir.with_name(adapter_dir.name + ".tmp")
+def trainable_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights at their unpacked size
+        return model.get_nb_trainable_parameters()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+def save_finetuned(params: Params, trainer, precision: Precision) -> None:
+    """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
+    written beside each other and moved into place at once."""
+    finetuned_dir = Path(params.train.finetuned_dir)
+    tmp_dir = finetuned_dir.with_name(finetuned_dir.name + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    trainer.model.save_pretrained(tmp_dir)  # adapter weights only
+    trainer.model.save_pretrained(tmp_dir)  # peft saves the adapter alone
     trainer.processing_class.save_pretrained(tmp_dir)
     write_json(tmp_dir / "train_config.json", {
         "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
-        "device": precision.device, "precision": precision.dtype, "precision_reason": precision.reason,
+        "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype, "precision_reason": precision.reason,
         "versions": versions()})
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    tmp_dir.rename(adapter_dir)
+    shutil.rmtree(finetuned_dir, ignore_errors=True)
+    tmp_dir.rename(finetuned_dir)
 
 
 def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
     started = time.perf_counter()
-    trainer, precision = setup(params, prepared_dir)
+    # Checkpoints of an earlier run would confuse the Trainer's rotation (save_total_limit); start clean.
+    shutil.rmtree(params.train.output_dir, ignore_errors=True)
+    trainer, precision, base_memory_mb = setup(params, prepared_dir)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     if precision.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -179,15 +201,16 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
     state = trainer.state
     if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
         trainer.evaluate()  # make sure the final weights have a validation loss
-    save_adapter(params, trainer, precision)
+    save_finetuned(params, trainer, precision)
 
     train = params.train
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
     tokens = int(state.num_input_tokens_seen)
-    trainable, total = trainer.model.get_nb_trainable_parameters()
+    trainable, total = trainable_parameters(trainer.model)
     return {
-        "method": "lora",
+        "method": train.method,
+        "quantization": quantization_summary(params),
         "device": precision.device,
         "precision": precision.dtype,
         "final_train_loss": round(train_losses[-1], 6) if train_losses else None,
@@ -201,6 +224,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
         "peak_memory_kind": "cuda_allocated" if precision.device == "cuda" else "cpu_rss",
+        "base_weight_memory_mb": round(base_memory_mb, 3),
         "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
                                  * trainer.args.world_size),
         "trainable_params": trainable,

@@ -62,7 +62,7 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
         row = compare[metric]
         assert row["delta"] == pytest.approx(row["finetuned"] - row["base"], abs=1e-5)
     assert (repo / "metrics/compare.md").read_text().startswith("# Base vs fine-tuned")
-    assert (repo / "models/adapter/adapter_model.safetensors").exists()
+    assert (repo / "models/finetuned/adapter_model.safetensors").exists()
     assert len((repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()) == \
         json.loads((repo / "metrics/prepare.json").read_text())["test_examples"]
 

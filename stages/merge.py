@@ -1,0 +1,91 @@
+"""merge: fold the adapter into the base weights and export a standalone Hugging Face model (safetensors).
+
+    dvc repro merge
+    python -m stages.merge
+    python -m stages.evaluate --model merged   # score the export like any other model
+
+Reads params `export` and `train.finetuned_dir`. The result loads with `AutoModelForCausalLM.from_pretrained`
+alone, no peft. LoRA merges into the fp32 base. QLoRA merges into the base loaded *unquantized*: the 4-bit weights
+saved memory while training, but rounding the merged weights back to 4 bits would lose the adapter's small updates.
+A full fine-tune is already standalone and is saved as is.
+
+Then it checks the export on export.check_examples test prompts and writes metrics/merge.json: greedy outputs and
+the largest logit difference of the reloaded merged model against the adapter on the same unquantized base (these
+must agree: it is the same function, summed differently), and for QLoRA also against the model as trained on its
+4-bit base (these differ by the quantization error, so the agreement is reported, not required).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
+from stages.evaluate import generate
+from stages.params import EvaluateParams, Params, load_params
+
+TEST_FILE = Path("data/prepared/test.jsonl")
+METRICS_FILE = Path("metrics/merge.json")
+
+
+def export(finetuned_dir: Path, merged_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    model = load_finetuned(finetuned_dir, quantized=False)
+    if read_train_config(finetuned_dir)["train"]["method"] != "full":
+        model = model.merge_and_unload()
+    tmp_dir = merged_dir.with_name(merged_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    model.save_pretrained(tmp_dir)  # safetensors
+    AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(tmp_dir)
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    tmp_dir.rename(merged_dir)
+
+
+@torch.no_grad()
+def agreement(model_a, model_b, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, float]:
+    """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts."""
+    settings = EvaluateParams(batch_size=len(prompts), max_new_tokens=max_new_tokens)
+    same = [a == b for a, b in zip(generate(model_a, tokenizer, prompts, settings),
+                                   generate(model_b, tokenizer, prompts, settings), strict=True)]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].bool()
+    diff = (model_a(**enc).logits.float() - model_b(**enc).logits.float()).abs()[mask]
+    return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": float(diff.max())}
+
+
+def run(params: Params, test_file: Path = TEST_FILE) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    finetuned_dir, merged_dir = Path(params.train.finetuned_dir), Path(params.export.merged_dir)
+    method = read_train_config(finetuned_dir)["train"]["method"]
+    if not test_file.exists():
+        raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
+    export(finetuned_dir, merged_dir)
+    print(f"merged {method} model saved to {merged_dir}")
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    prompts = [r["prompt"] for r in read_jsonl(test_file)[:params.export.check_examples]]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
+    max_new = params.evaluate.max_new_tokens
+    metrics = {"method": method, "examples": len(prompts)}
+    metrics.update(agreement(merged, load_finetuned(finetuned_dir, quantized=False).eval(), tokenizer, prompts,
+                             max_new))
+    if method == "qlora":
+        as_trained = agreement(merged, load_finetuned(finetuned_dir).eval(), tokenizer, prompts, max_new)
+        metrics.update({f"{k}_vs_4bit": v for k, v in as_trained.items()})
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def main() -> None:
+    metrics = run(load_params())
+    write_json(METRICS_FILE, metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    run_main(main)

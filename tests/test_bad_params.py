@@ -1,0 +1,87 @@
+"""Bad params stop every stage before it loads anything: one message naming each problem, exit 2, no output touched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import compare, evaluate, merge, prepare, train
+from stages.common import run_main
+
+STAGE_MAINS = {"prepare": prepare.main, "train": train.main, "evaluate": evaluate.main, "merge": merge.main,
+               "compare": compare.main}
+OUTPUTS = ["metrics/prepare.json", "metrics/train.json", "metrics/eval_finetuned.json", "metrics/merge.json",
+           "metrics/compare.json",
+           "data/prepared/train.jsonl", "models/finetuned/adapter_model.safetensors",
+           "models/merged/model.safetensors", "outputs/predictions_finetuned.jsonl"]
+
+CASES = {
+    "unknown key": ({"train": {"learnig_rate": 0.1}}, "train.learnig_rate: unknown key; did you mean "
+                                                      "train.learning_rate?"),
+    "negative learning rate": ({"train": {"learning_rate": -0.001}}, "train.learning_rate: -0.001 must be positive"),
+    "rank zero": ({"lora": {"r": 0}}, "lora.r: 0 must be at least 1"),
+    "dropout of one": ({"lora": {"lora_dropout": 1.0}}, "lora.lora_dropout: 1.0 is outside [0, 1)"),
+    "split ratio over one": ({"data": {"test_ratio": 1.5}}, "data.test_ratio: 1.5 is outside [0, 1)"),
+    "no checkpoints kept": ({"train": {"save_total_limit": 0}}, "train.save_total_limit: 0 must be at least 1"),
+    "fp16 and bf16": ({"train": {"fp16": True, "bf16": True}}, "train.fp16 and train.bf16: both are true"),
+    "fp16 on cpu": ({"train": {"fp16": True}}, "train.fp16: true, but there is no CUDA device"),
+    "qlora fp16 compute on cpu": ({"train": {"method": "qlora"}, "quantization": {"bnb_4bit_compute_dtype": "float16"}},
+                                  "quantization.bnb_4bit_compute_dtype: float16 needs a CUDA device"),
+    "no accumulation": ({"train": {"gradient_accumulation_steps": 0}},
+                        "train.gradient_accumulation_steps: 0 must be at least 1"),
+    "wrong type": ({"train": {"per_device_train_batch_size": "8"}},
+                   "train.per_device_train_batch_size: '8' is not an integer"),
+}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished_run(workdir):
+    """A workdir whose outputs exist, as after an earlier successful run."""
+    for path in OUTPUTS:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_text(f"earlier result: {path}\n")
+    return workdir
+
+
+def set_params(workdir: Path, changes: dict) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_params_stop_every_stage_and_touch_nothing(finished_run, case, capsys, monkeypatch):
+    changes, message = CASES[case]
+    set_params(finished_run, changes)
+    before = snapshot(finished_run)
+    for name, stage_main in STAGE_MAINS.items():
+        monkeypatch.setattr("sys.argv", [name])
+        with pytest.raises(SystemExit) as exit_:
+            run_main(stage_main)
+        assert exit_.value.code == 2, name
+        assert message in capsys.readouterr().err, name
+    assert snapshot(finished_run) == before
+
+
+def test_every_problem_is_reported_in_one_run(finished_run, capsys):
+    set_params(finished_run, {"train": {"learning_rate": -1, "save_total_limit": 0}, "lora": {"r": 0}})
+    with pytest.raises(SystemExit):
+        run_main(train.main)
+    err = capsys.readouterr().err
+    assert all(m in err for m in ("train.learning_rate", "train.save_total_limit", "lora.r"))
+
+
+def test_compare_refuses_missing_inputs_without_writing(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_main(compare.main)
+    assert exit_.value.code == 2 and "metrics/eval_base.json not found" in capsys.readouterr().err
+    assert not (workdir / "metrics/compare.json").exists()
