@@ -71,7 +71,7 @@ def run(params: Params, test_file: Path = TEST_FILE) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
     prompts = [r["prompt"] for r in read_jsonl(test_file)[:params.export.check_examples]]
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
-    max_new = params.evaluate.max_new_tokens
+    max_new = params.export.check_max_new_tokens
     metrics = {"method": method, "examples": len(prompts)}
     metrics.update(agreement(merged, load_finetuned(finetuned_dir, quantized=False).eval(), tokenizer, prompts,
                              max_new))

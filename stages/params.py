@@ -192,9 +192,11 @@ class EvaluateParams:
 class ExportParams:
     merged_dir: str = "models/merged"  # standalone model: base + adapter merged, loads without peft
     check_examples: int = 32  # test prompts on which merged and adapter greedy outputs are compared
+    check_max_new_tokens: int = 16  # tokens generated per prompt for that comparison
 
     def problems(self) -> list[str]:
-        return [] if self.check_examples >= 1 else [f"export.check_examples: {self.check_examples} must be >= 1"]
+        return [f"export.{name}: {getattr(self, name)} must be at least 1"
+                for name in ("check_examples", "check_max_new_tokens") if getattr(self, name) < 1]
 
 
 @dataclass

@@ -224,7 +224,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
         "peak_memory_kind": "cuda_allocated" if precision.device == "cuda" else "cpu_rss",
-        "base_weight_memory_mb": round(base_memory_mb, 3),
+        "base_weight_memory_mb": round(base_memory_mb, 6),
         "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
                                  * trainer.args.world_size),
         "trainable_params": trainable,

@@ -23,7 +23,7 @@ from pretrain_base import train_tokenizer  # noqa: E402
 TOY_PARAMS = {
     "data": {"path": "data/raw/toy.jsonl", "validation_ratio": 0.1, "test_ratio": 0.15},
     "prepare": {"max_length": 96},
-    "train": {"max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
+    "train": {"method": "lora", "max_steps": 6, "per_device_train_batch_size": 8, "per_device_eval_batch_size": 8,
               "learning_rate": 5e-3, "logging_steps": 2, "eval_steps": 3, "save_steps": 3, "warmup_steps": 1},
     "evaluate": {"batch_size": 8, "max_new_tokens": 8},
 }

@@ -56,13 +56,15 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     sh(repo, "git", "commit", "-qm", "toy pipeline")
 
     out = dvc(repo, "repro")
-    assert stages_run(out) == {"prepare", "train", "evaluate_base", "evaluate", "compare"}
+    assert stages_run(out) == {"prepare", "train", "evaluate_base", "evaluate", "merge", "compare"}
     compare = json.loads((repo / "metrics/compare.json").read_text())
     for metric in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "eval_loss", "perplexity"):
         row = compare[metric]
         assert row["delta"] == pytest.approx(row["finetuned"] - row["base"], abs=1e-5)
     assert (repo / "metrics/compare.md").read_text().startswith("# Base vs fine-tuned")
     assert (repo / "models/finetuned/adapter_model.safetensors").exists()
+    merge = json.loads((repo / "metrics/merge.json").read_text())
+    assert merge["greedy_agreement"] == 1.0 and merge["max_abs_logit_diff"] < 1e-3
     assert len((repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()) == \
         json.loads((repo / "metrics/prepare.json").read_text())["test_examples"]
 
@@ -83,7 +85,7 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
 
     # A train param, as an experiment: train and everything downstream of it, and exp show reports its metrics.
     out = dvc(repo, "exp", "run", "-S", "train.learning_rate=0.001")
-    assert stages_run(out) == {"train", "evaluate", "compare"}
+    assert stages_run(out) == {"train", "evaluate", "merge", "compare"}
     runs = find_runs(json.loads(dvc(repo, "exp", "show", "--json")))
     experiment = [r for r in runs
                   if r["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.001]
@@ -93,3 +95,14 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     assert metrics["metrics/train.json"]["data"]["steps"] == 6
     assert "exact_match" in metrics["metrics/compare.json"]["data"]
     assert metrics["metrics/train.json"]["data"] != baseline[0]["data"]["metrics"]["metrics/train.json"]["data"]
+
+    # Bad values set through -S get the same checks, and the failed run leaves the outputs as they were.
+    before = {p: (repo / p).read_bytes() for p in ("metrics/train.json", "metrics/compare.json", "dvc.lock",
+                                                     "models/finetuned/adapter_model.safetensors")}
+    for setting, message in [("train.learning_rate=-1", "train.learning_rate: -1.0 must be positive"),
+                             ("+train.learnig_rate=0.1", "did you mean train.learning_rate?")]:
+        failed = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", setting], cwd=repo, env=ENV,
+                                capture_output=True, text=True)
+        assert failed.returncode != 0 and message in failed.stdout + failed.stderr
+        assert {p: (repo / p).read_bytes() for p in before} == before
+        sh(repo, "git", "checkout", "params.yaml")
