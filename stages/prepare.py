@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,33 +40,70 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
         return f.read(4096).lstrip().startswith(prefix)
 
 
-def read_rows(path: Path) -> list[tuple[str, dict]]:
-    """(location, record) pairs. JSONL and CSV are read line by line so errors name the line; JSON arrays,
+BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_field", "empty_field", "wrong_type",
+             "prompt_too_long")
+
+
+class BadRecords:
+    """Problems in the data, each with its file and line. Policy `fail` raises at the first; `skip` drops the
+    record, says so (the first few in full) and counts it by kind for the stats."""
+
+    def __init__(self, policy: str, shown: int = 20):
+        self.policy, self.shown = policy, shown
+        self.counts = dict.fromkeys(BAD_KINDS, 0)
+
+    def __call__(self, source: str, kind: str, message: str) -> None:
+        if self.policy == "fail":
+            raise StageError(f"{source}: {message} (data.on_bad_record: skip would skip and count such records)")
+        self.counts[kind] += 1
+        if sum(self.counts.values()) <= self.shown:
+            print(f"skipping {source}: {message}", file=sys.stderr)
+
+    def stats(self) -> dict[str, int]:
+        return {"bad_records": sum(self.counts.values()), **{f"bad_{k}": v for k, v in self.counts.items()}}
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
+
+
+def read_rows(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
+    """(location, record) pairs. JSONL and CSV are read line by line so problems name the line; JSON arrays,
     Parquet and Arrow through `datasets`, naming the record number."""
     if not path.exists():
         raise StageError(f"data.path: {path} does not exist")
+    if path.stat().st_size == 0:
+        raise StageError(f"{path}: no examples (empty file)")
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not _starts_with(path, b"[")):
         rows = []
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
+                source = f"{path}:{lineno}"
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
-                    raise StageError(f"{path}:{lineno}: invalid UTF-8 at byte {err.start} of the line") from err
+                    bad(source, "invalid_utf8", f"invalid UTF-8 at byte {err.start} of the line")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise StageError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+                    bad(source, "invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+                    continue
                 if not isinstance(record, dict):
-                    raise StageError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                rows.append((f"{path}:{lineno}", record))
+                    bad(source, "not_an_object", f"expected a JSON object, got {type(record).__name__}")
+                    continue
+                rows.append((source, record))
         return rows
     if path.suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            return [(f"{path}:{reader.line_num}", row) for row in reader]
+        try:
+            with path.open(encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+                return [(f"{path}:{reader.line_num}", row) for row in reader]
+        except UnicodeDecodeError as err:
+            raise StageError(f"{path}: invalid UTF-8 at byte {err.start} of the file") from err
     if path.suffix not in (".json", ".parquet", ".arrow"):
         raise StageError(f"data.path: {path}: unsupported file type {path.suffix!r} "
                          "(use .jsonl, .json, .csv, .tsv, .parquet or .arrow)")
@@ -87,22 +125,32 @@ def field_names(data: DataParams, keys: set[str], path: Path) -> tuple[str, str 
                      "or instruction/input/output, or set data.prompt_field and data.response_field")
 
 
-def load_examples(data: DataParams, path: Path) -> list[Example]:
-    rows = read_rows(path)
+def load_examples(data: DataParams, path: Path, bad: BadRecords | None = None) -> list[Example]:
+    bad = bad or BadRecords("fail")
+    rows = read_rows(path, bad)
     if not rows:
-        raise StageError(f"{path}: no examples (empty file)")
+        raise StageError(f"{path}: no usable examples")
     prompt_key, input_key, response_key = field_names(data, set(rows[0][1]), path)
     examples = []
     for source, record in rows:
+        problem = None
         for key in (prompt_key, response_key):
             value = record.get(key)
-            if not isinstance(value, str) or not value.strip():
-                problem = "missing" if value is None else "not a string" if not isinstance(value, str) else "empty"
-                raise StageError(f"{source}: field {key!r} is {problem}")
-        prompt = record[prompt_key]
+            if value is None:
+                problem = ("missing_field", f"field {key!r} is missing")
+            elif not isinstance(value, str):
+                problem = ("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
+            elif not value.strip():
+                problem = ("empty_field", f"field {key!r} is empty")
+            if problem:
+                break
         context = record.get(input_key) if input_key else None
-        if isinstance(context, str) and context.strip():
-            prompt = f"{prompt}\n\n{context}"
+        if not problem and context is not None and not isinstance(context, str):
+            problem = ("wrong_type", f"field {input_key!r} is {type(context).__name__}, expected a string")
+        if problem:
+            bad(source, *problem)
+            continue
+        prompt = f"{record[prompt_key]}\n\n{context}" if context and context.strip() else record[prompt_key]
         examples.append(Example(prompt=prompt, response=record[response_key], source=source))
     return examples
 
@@ -131,7 +179,7 @@ def tokenize_example(example: Example, tokenizer, prepare: PrepareParams) -> tup
         if prepare.overlong == "drop":
             return None, "dropped_overlong"
         if len(prompt_ids) >= prepare.max_length:  # nothing of the response would be left to learn from
-            return None, "dropped_prompt_too_long"
+            return None, "prompt_too_long"
         response_ids = response_ids[:prepare.max_length - len(prompt_ids)]
         status = "truncated"
     record = {
@@ -156,26 +204,30 @@ def percentiles(lengths: list[int], prefix: str) -> dict[str, float]:
 def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     data, prepare = params.data, params.prepare
     tokenizer = load_tokenizer(params.model)
-    examples = load_examples(data, Path(data.path))
+    bad = BadRecords(data.on_bad_record)
+    examples = load_examples(data, Path(data.path), bad)
     if data.validation_path or data.test_path:
         splits = split_examples(examples, 0 if data.validation_path else data.validation_ratio,
                                 0 if data.test_path else data.test_ratio, data.seed)
         if data.validation_path:
-            splits["validation"] = load_examples(data, Path(data.validation_path))
+            splits["validation"] = load_examples(data, Path(data.validation_path), bad)
         if data.test_path:
-            splits["test"] = load_examples(data, Path(data.test_path))
+            splits["test"] = load_examples(data, Path(data.test_path), bad)
     else:
         splits = split_examples(examples, data.validation_ratio, data.test_ratio, data.seed)
 
     stats: dict = {}
-    counts = {"truncated": 0, "dropped_overlong": 0, "dropped_prompt_too_long": 0}
+    counts = {"truncated": 0, "dropped_overlong": 0}
     lengths: list[int] = []
     prepared = {}
     for name in SPLITS:
         records = []
         for example in splits[name]:
             record, status = tokenize_example(example, tokenizer, prepare)
-            if status != "ok":
+            if status == "prompt_too_long":
+                bad(example.source, status, f"the prompt alone is {prepare.max_length}+ tokens "
+                    f"(prepare.max_length={prepare.max_length}), so no response token would be trained on")
+            elif status != "ok":
                 counts[status] += 1
             if record is not None:
                 records.append(record)
@@ -189,6 +241,7 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     for name, records in prepared.items():
         write_jsonl(out_dir / f"{name}.jsonl", records)
     stats.update(counts)
+    stats.update(bad.stats())
     stats.update(percentiles(lengths, "tokens"))
     stats["supervised_tokens_train"] = sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in prepared["train"])
     return stats

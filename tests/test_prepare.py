@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from stages.common import IGNORE_INDEX, StageError, read_jsonl
 from stages.params import DataParams, PrepareParams, load_params
-from stages.prepare import Example, load_examples, run, split_examples, tokenize_example
+from stages.prepare import BadRecords, Example, load_examples, run, split_examples, tokenize_example
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_truncation_keeps_a_supervised_token_and_overlong_prompts_are_dropped(to
     assert status == "truncated" and len(record["input_ids"]) == prompt_len + 1
     assert sum(label != IGNORE_INDEX for label in record["labels"]) == 1
     assert tokenize_example(example, tokenizer, PrepareParams(max_length=prompt_len)) == \
-        (None, "dropped_prompt_too_long")
+        (None, "prompt_too_long")
     assert tokenize_example(example, tokenizer, PrepareParams(max_length=prompt_len + 1, overlong="drop")) == \
         (None, "dropped_overlong")
 
@@ -83,19 +84,80 @@ def test_csv_and_configured_field_names(tmp_path):
         ("What is two?", "2", f"{path}:2"), ("What is three?", "3", f"{path}:3")]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", \n', ":2: invalid JSON"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": ""}\n', ":2: field 'response' is empty"),
-    ('{"prompt": "a", "response": "b"}\n{"prompt": 3, "response": "b"}\n', ":2: field 'prompt' is not a string"),
-    ('{"question": "a", "answer": "b"}\n', "cannot tell prompt from response"),
-    ("", "no examples (empty file)"),
-    (b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n', ":2: invalid UTF-8"),
+GOOD = '{"prompt": "Spell out the number 4.", "response": "four"}\n'
+BAD_LINES = {  # kind -> a line that has exactly that problem
+    "invalid_json": b'{"prompt": "a", \n',
+    "invalid_utf8": b'{"prompt": "\xff", "response": "b"}\n',
+    "not_an_object": b'["prompt", "response"]\n',
+    "missing_field": b'{"prompt": "a"}\n',
+    "empty_field": b'{"prompt": "a", "response": "  "}\n',
+    "wrong_type": b'{"prompt": 3, "response": "b"}\n',
+}
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("invalid_json", ":2: invalid JSON"),
+    ("invalid_utf8", ":2: invalid UTF-8"),
+    ("not_an_object", ":2: expected a JSON object, got list"),
+    ("missing_field", ":2: field 'response' is missing"),
+    ("empty_field", ":2: field 'response' is empty"),
+    ("wrong_type", ":2: field 'prompt' is int, expected a string"),
 ])
-def test_bad_data_names_file_and_line(tmp_path, content, message):
+def test_bad_record_fails_with_file_and_line(tmp_path, kind, message):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(content.encode() if isinstance(content, str) else content)
-    with pytest.raises(StageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    path.write_bytes(GOOD.encode() + BAD_LINES[kind] + GOOD.encode())
+    with pytest.raises(StageError, match=re.escape(f"{path}{message}")):
         load_examples(DataParams(), path)
+
+
+def test_skip_policy_counts_every_injected_bad_record(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [GOOD.encode()] * 10
+    for i, line in enumerate(BAD_LINES.values()):  # each kind twice, spread through the file
+        lines.insert(1 + 2 * i, line)
+        lines.append(line)
+    path.write_bytes(b"".join(lines))
+    bad = BadRecords("skip")
+    examples = load_examples(DataParams(on_bad_record="skip"), path, bad)
+    assert len(examples) == 10
+    assert bad.counts == {**{kind: 2 for kind in BAD_LINES}, "prompt_too_long": 0}
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_empty_dataset_is_always_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(StageError, match="no (usable )?examples"):
+        load_examples(DataParams(on_bad_record="skip"), path, BadRecords("skip"))
+
+
+def test_cannot_tell_prompt_from_response(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n')
+    with pytest.raises(StageError, match="cannot tell prompt from response"):
+        load_examples(DataParams(), path)
+
+
+def test_prompt_longer_than_max_length_is_a_bad_record(workdir):
+    data = workdir / "data/raw/toy.jsonl"
+    lines = data.read_text().splitlines()
+    lines[4] = json.dumps({"prompt": "Spell out the number 5. " * 30, "response": "five"})
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StageError, match=re.escape(f"data/raw/toy.jsonl:5: the prompt alone is")):
+        run(load_params())
+    params = load_params()
+    params.data.on_bad_record = "skip"
+    stats = run(params)
+    assert stats["bad_prompt_too_long"] == 1 and stats["bad_records"] == 1
+    assert stats["train_examples"] + stats["validation_examples"] + stats["test_examples"] == 119
+
+
+def test_skip_policy_never_leaves_an_empty_dataset(workdir):
+    (workdir / "data/raw/toy.jsonl").write_bytes(BAD_LINES["invalid_json"] * 3)
+    params = load_params()
+    params.data.on_bad_record = "skip"
+    with pytest.raises(StageError, match="no usable examples"):
+        run(params)
 
 
 def test_run_writes_splits_and_stats(workdir):
