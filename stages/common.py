@@ -67,10 +67,29 @@ def progress(iterable, total: int, desc: str):
             print(f"{desc}: {i}/{total} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
 
 
+def refuse_remote_code(model: ModelParams) -> None:
+    """A model or tokenizer that ships its own Python code (`auto_map`) runs only when params opt in; reading the
+    config JSON executes nothing."""
+    if model.trust_remote_code:
+        return
+    from transformers import PretrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    config, _ = PretrainedConfig.get_config_dict(model.model_name, revision=model.revision)
+    tokenizer_config = get_tokenizer_config(model.model_name, revision=model.revision)
+    for name, found in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if found.get("auto_map"):
+            raise StageError(
+                f"model.model_name: {model.model_name} ships its own code ({name} has an auto_map: "
+                f"{sorted(found['auto_map'])}); review that code, then set model.trust_remote_code: true to run it")
+
+
 def load_tokenizer(model: ModelParams):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision)
+    refuse_remote_code(model)
+    tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision,
+                                              trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -96,12 +115,13 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     import torch
     from transformers import AutoModelForCausalLM
 
+    refuse_remote_code(model)
     kwargs = {}
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
     return AutoModelForCausalLM.from_pretrained(
         model.model_name, revision=model.revision, dtype=torch.float32, use_safetensors=True,
-        attn_implementation="sdpa", **kwargs)
+        attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
 
 
 def read_train_config(finetuned_dir: Path) -> dict:
