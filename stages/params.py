@@ -39,6 +39,7 @@ class DataParams:
     validation_ratio: float = 0.05  # share of examples held out to pick checkpoints
     test_ratio: float = 0.1  # share held out for the evaluate stage; never trained on
     seed: int = 42  # fixes the split
+    on_bad_record: Literal["fail", "skip"] = "fail"  # fail at the first bad record, or skip and count them all
 
     def problems(self) -> list[str]:
         out = []
@@ -77,6 +78,7 @@ class PrepareParams:
 class ModelParams:
     model_name: str = "models/base"  # a local directory or a Hugging Face hub id, e.g. Qwen/Qwen2.5-0.5B
     revision: str | None = None  # pin a hub commit so a hub model is as reproducible as a local one
+    trust_remote_code: bool = False  # run Python code shipped with the model; only after reviewing it
 
     def problems(self) -> list[str]:
         return [] if self.model_name.strip() else ["model.model_name: must not be empty"]

@@ -14,6 +14,7 @@ once, printed with the reason, and recorded in the metrics.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -100,6 +101,7 @@ def training_arguments(train: TrainParams, precision: Precision):
         use_cpu=precision.device == "cpu",
         include_num_input_tokens_seen="non_padding",
         report_to=[],
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by the running mean
         disable_tqdm=not sys.stderr.isatty(),  # in a log file, one line per logging step instead of a bar
     )
 
@@ -130,10 +132,118 @@ class StepTimer(TrainerCallback):
         self.seconds += time.perf_counter() - self._t
 
 
+class Diverged(StageError):
+    pass
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops before the optimizer applies a non-finite gradient. (fp16 is exempt: there, inf gradients are how the
+    gradient scaler finds its scale, and it skips those steps itself.)"""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
+
+
+def diverged(step: int, what: str, output_dir: str) -> Diverged:
+    last = latest_checkpoint(Path(output_dir), fingerprint=None)
+    return Diverged(f"training diverged at step {step}: {what}. Last good checkpoint: {last or 'none'}. "
+                    "Nothing final was written; lower train.learning_rate or check the data.")
+
+
+def guarded_trainer_class():
+    from transformers import Trainer
+
+    class GuardedTrainer(Trainer):
+        """The Trainer, stopping at the first non-finite loss instead of averaging it into the logged loss."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss):
+                raise diverged(self.state.global_step + 1, f"training loss is {loss.item()}", self.args.output_dir)
+            return loss
+
+    return GuardedTrainer
+
+
+# Resume. A checkpoint counts only once the Trainer has finished writing it and we have added a marker holding the
+# fingerprint of everything that determines training (params, data, code, library versions). Resume takes the
+# latest checkpoint whose marker matches this run; others are half-written or from another run, and are removed.
+MARKER = "fingerprint.json"
+FINISHED = "FINISHED"  # written once a run completes: its checkpoints are results, not a run to resume
+
+
+def fingerprint(params: Params, prepared_dir: Path) -> str:
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    train = {k: v for k, v in as_dict(params.train).items() if k not in ("output_dir", "finetuned_dir")}
+    code_dir = Path(__file__).parent
+    identity = {
+        "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
+        "quantization": as_dict(params.quantization) if params.train.method == "qlora" else None,
+        "data": {name: digest(prepared_dir / f"{name}.jsonl") for name in ("train", "validation")},
+        "code": {name: digest(code_dir / name) for name in ("train.py", "common.py", "params.py")},
+        "versions": versions(),
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_checkpoint(output_dir: Path, fingerprint: str | None) -> Path | None:
+    """The newest complete checkpoint (of this run's fingerprint, when given)."""
+    for path in reversed(checkpoints(output_dir)):
+        marker = path / MARKER
+        if marker.exists() and (fingerprint is None or json.loads(marker.read_text())["fingerprint"] == fingerprint):
+            return path
+    return None
+
+
+def prepare_output_dir(output_dir: Path, fingerprint: str) -> Path | None:
+    """The checkpoint to resume from, if any; everything in output_dir that cannot be resumed is removed."""
+    if (output_dir / FINISHED).exists():
+        print(f"the run that left {output_dir} finished: starting fresh")
+    if (output_dir / FINISHED).exists() or not output_dir.exists():
+        shutil.rmtree(output_dir, ignore_errors=True)
+        return None
+    resume = latest_checkpoint(output_dir, fingerprint)
+    for path in checkpoints(output_dir):
+        if resume is None or int(path.name.split("-")[-1]) > int(resume.name.split("-")[-1]):
+            reason = "half-written" if not (path / MARKER).exists() else "from a run with other params, data or code"
+            print(f"not resuming from {path}: {reason}; removing it")
+            shutil.rmtree(path)
+    if resume is None:
+        print(f"no checkpoint of this run in {output_dir}: starting fresh")
+    return resume
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete, after the Trainer has written all of it."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if path.is_dir():
+            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step})
+
+
 def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
     """The Trainer, ready to train, the precision chosen and the base weights' memory; nothing trained or written."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, set_seed
 
     train, method = params.train, params.train.method
     precision = choose_precision(train, torch.cuda.is_available())
@@ -155,14 +265,15 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
           f"base weights {base_memory_mb:.1f} MB")
 
-    trainer = Trainer(
+    trainer = guarded_trainer_class()(
         model=model,
         args=training_arguments(train, precision),
         train_dataset=train_rows,
         eval_dataset=val_rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         processing_class=tokenizer,
-        callbacks=[StepTimer()],
+        callbacks=[StepTimer(), DivergenceGuard(train.output_dir),
+                   CheckpointMarker(fingerprint(params, prepared_dir))],
     )
     return trainer, precision, base_memory_mb
 
@@ -183,25 +294,28 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
     trainer.processing_class.save_pretrained(tmp_dir)
     write_json(tmp_dir / "train_config.json", {
         "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
-        "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype, "precision_reason": precision.reason,
-        "versions": versions()})
+        "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype,
+        "precision_reason": precision.reason, "versions": versions()})
     shutil.rmtree(finetuned_dir, ignore_errors=True)
     tmp_dir.rename(finetuned_dir)
 
 
 def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
     started = time.perf_counter()
-    # Checkpoints of an earlier run would confuse the Trainer's rotation (save_total_limit); start clean.
-    shutil.rmtree(params.train.output_dir, ignore_errors=True)
+    output_dir = Path(params.train.output_dir)
+    resume = prepare_output_dir(output_dir, fingerprint(params, prepared_dir))
     trainer, precision, base_memory_mb = setup(params, prepared_dir)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     if precision.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    if resume:
+        print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     state = trainer.state
     if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
         trainer.evaluate()  # make sure the final weights have a validation loss
     save_finetuned(params, trainer, precision)
+    (output_dir / FINISHED).touch()
 
     train = params.train
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
@@ -241,7 +355,11 @@ def versions() -> dict[str, str]:
 
 def main() -> None:
     params = load_params()
-    metrics = run(params)
+    try:
+        metrics = run(params)
+    except KeyboardInterrupt:
+        raise StageError(f"interrupted: nothing final was written; complete checkpoints in "
+                         f"{params.train.output_dir} let the next run resume") from None
     write_json(METRICS_FILE, metrics)
     print(json.dumps(metrics, indent=2))
 

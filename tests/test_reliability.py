@@ -1,0 +1,140 @@
+"""Faults injected into training: SIGKILL and resume, stale checkpoints, Ctrl-C, divergence; and determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages import prepare, train
+from stages.common import StageError
+from stages.params import load_params
+
+# Long enough to be killed mid-run, aligned so that every checkpoint falls on a logging boundary.
+RESUMABLE = {"max_steps": 40, "save_steps": 5, "logging_steps": 5, "eval_steps": 10, "save_total_limit": 3}
+COMPARED = ("final_train_loss", "best_eval_loss", "final_eval_loss", "steps", "epochs", "tokens_trained")
+
+
+def set_train(workdir: Path, **values) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["train"].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def start_train(workdir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def train_to_end(workdir: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path} appeared:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def resumable(workdir):
+    """A prepared workdir with resumable settings."""
+    set_train(workdir, **RESUMABLE)
+    prepare.run(load_params())
+    return workdir
+
+
+def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(resumable, tmp_path_factory):
+    workdir = resumable
+    reference = tmp_path_factory.mktemp("reference")  # the same run, uninterrupted
+    shutil.copytree(workdir, reference, dirs_exist_ok=True)
+    train_to_end(reference)
+    proc = start_train(workdir)
+    wait_for(workdir / "models/checkpoints/checkpoint-15" / train.MARKER, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (workdir / "models/finetuned").exists() and not (workdir / "metrics/train.json").exists()
+    # A checkpoint the kill cut short: the Trainer had started writing it, the marker never came.
+    half = workdir / "models/checkpoints/checkpoint-20"
+    half.mkdir(exist_ok=True)
+    (half / "optimizer.pt").write_bytes(b"\0" * 10)
+
+    out = train_to_end(workdir)
+    resumed_from = int(out.split("resuming from models/checkpoints/checkpoint-")[1].split(":")[0])
+    assert 15 <= resumed_from < 40 and resumed_from % 5 == 0
+    assert "not resuming from models/checkpoints/checkpoint-20: half-written" in out or resumed_from > 15
+
+    adapter = "models/finetuned/adapter_model.safetensors"
+    assert sha256(workdir / adapter) == sha256(reference / adapter)  # bit-exact weights
+    ours = json.loads((workdir / "metrics/train.json").read_text())
+    theirs = json.loads((reference / "metrics/train.json").read_text())
+    assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
+
+
+def test_checkpoints_of_other_params_are_never_resumed(resumable, capsys):
+    params = load_params()
+    train.run(params)
+    (resumable / "models/checkpoints" / train.FINISHED).unlink()  # as if that run had been killed
+    params.train.learning_rate = 1e-3  # another experiment now
+    train.run(params)
+    out = capsys.readouterr().out
+    assert "from a run with other params, data or code; removing it" in out
+    assert "starting fresh" in out and not re.search("^resuming from", out, re.M)
+
+
+def test_a_finished_run_is_not_resumed(resumable, capsys):
+    params = load_params()
+    train.run(params)
+    train.run(params)  # same params again, as dvc repro -f would
+    out = capsys.readouterr().out
+    assert "finished: starting fresh" in out and not re.search("^resuming from", out, re.M)
+
+
+def test_ctrl_c_saves_nothing_final(resumable):
+    workdir = resumable
+    proc = start_train(workdir)
+    wait_for(workdir / "models/checkpoints/checkpoint-10" / train.MARKER, proc)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate()[0]
+    assert proc.returncode == 2 and "interrupted: nothing final was written" in output
+    assert not (workdir / "models/finetuned").exists() and not (workdir / "metrics/train.json").exists()
+
+
+def test_divergence_stops_training_naming_the_step(workdir):
+    set_train(workdir, learning_rate=1e6, max_steps=30, save_steps=2, logging_steps=1)
+    params = load_params()
+    prepare.run(params)
+    with pytest.raises(train.Diverged, match=r"training diverged at step (\d+): (training loss|gradient norm) is "
+                                             r"(nan|inf).* Last good checkpoint: "):
+        train.run(params)
+    assert not (workdir / "models/finetuned").exists()
+
+
+def test_same_seed_same_adapter_other_seed_other_adapter(workdir):
+    params = load_params()
+    prepare.run(params)
+    digests = []
+    for seed in (1, 1, 2):
+        params.train.seed = seed
+        metrics = train.run(params)
+        digests.append((sha256(workdir / "models/finetuned/adapter_model.safetensors"),
+                        {k: metrics[k] for k in COMPARED}))
+    assert digests[0] == digests[1]
+    assert digests[0][0] != digests[2][0] and digests[0][1] != digests[2][1]
