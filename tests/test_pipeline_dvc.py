@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,15 +15,33 @@ import yaml
 
 pytestmark = pytest.mark.e2e
 
+# Secrets a user may have in the environment: the pipeline runs with them set and must write them nowhere.
+CANARIES = {name: f"canary-{name.lower()}-7f3a9c" for name in (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "AWS_SECRET_ACCESS_KEY", "GITHUB_TOKEN")}
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
        "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "HF_HUB_OFFLINE": "1", **CANARIES}
+LOGS: list[str] = []  # everything the commands printed
 
 
 def sh(repo: Path, *cmd: str) -> str:
     done = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True)
+    LOGS.append(done.stdout + done.stderr)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
+
+
+def canary_hits(repo: Path) -> list[str]:
+    """Where any canary appears: every file in the repo (workspace, .dvc/cache, checkpoints with the Trainer's
+    pickled training_args.bin), every git object (experiment commits included) and every log line."""
+    hits = []
+    blobs = [(str(p.relative_to(repo)), p.read_bytes()) for p in repo.rglob("*") if p.is_file()]
+    objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True)
+    blobs += [("git objects", objects.stdout), ("logs", "".join(LOGS).encode())]
+    for name, value in CANARIES.items():
+        hits += [f"{name} in {where}" for where, data in blobs if value.encode() in data]
+    return hits
 
 
 def dvc(repo: Path, *args: str) -> str:
@@ -106,3 +126,46 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
         assert failed.returncode != 0 and message in failed.stdout + failed.stderr
         assert {p: (repo / p).read_bytes() for p in before} == before
         sh(repo, "git", "checkout", "params.yaml")
+
+    # Checkpoints stay in the workspace for resume but never enter the DVC cache (so never a dvc push).
+    optimizer = next((repo / "models/checkpoints").glob("checkpoint-*/optimizer.pt"))
+    md5 = hashlib.md5(optimizer.read_bytes()).hexdigest()
+    assert not (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists()
+    assert canary_hits(repo) == []
+
+
+@pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="about 6 minutes of DVC queue workers; RUN_SLOW=1")
+def test_queued_experiments_in_parallel_match_sequential_runs(dvc_repo):
+    repo = dvc_repo
+    sh(repo, "git", "init", "-q")
+    dvc(repo, "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "toy pipeline")
+    dvc(repo, "repro")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "baseline")
+    queued_runs_match_sequential_runs(repo)
+    assert canary_hits(repo) == []
+
+
+def queued_runs_match_sequential_runs(repo: Path) -> None:
+    """Six queued experiments on two workers: three settings, each queued twice so that identical runs also race
+    each other. All must succeed, twins must agree, and each must equal the same setting run on its own."""
+    settings = [3, 4, 6] * 2
+    for tokens in settings:
+        dvc(repo, "exp", "run", "--queue", "-S", f"evaluate.max_new_tokens={tokens}")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while "Queued" in (status := dvc(repo, "queue", "status")) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 6, status
+    parallel: dict[int, list[dict]] = {}
+    for run in find_runs(json.loads(dvc(repo, "exp", "show", "--json"))):
+        tokens = run["data"]["params"]["params.yaml"]["data"]["evaluate"]["max_new_tokens"]
+        if run.get("name") and tokens in settings:
+            parallel.setdefault(tokens, []).append(run["data"]["metrics"]["metrics/compare.json"]["data"])
+    for tokens in sorted(set(settings)):  # one after another, in the workspace
+        dvc(repo, "exp", "run", "-S", f"evaluate.max_new_tokens={tokens}")
+        sequential = json.loads((repo / "metrics/compare.json").read_text())
+        assert len(parallel[tokens]) >= 2 and all(p == sequential for p in parallel[tokens]), tokens
