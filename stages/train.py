@@ -240,7 +240,7 @@ class CheckpointMarker(TrainerCallback):
             write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step})
 
 
-def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
+def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: str | None = None):
     """The Trainer, ready to train, the precision chosen and the base weights' memory; nothing trained or written."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, set_seed
@@ -273,7 +273,7 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR):
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
         processing_class=tokenizer,
         callbacks=[StepTimer(), DivergenceGuard(train.output_dir),
-                   CheckpointMarker(fingerprint(params, prepared_dir))],
+                   CheckpointMarker(run_fingerprint or fingerprint(params, prepared_dir))],
     )
     return trainer, precision, base_memory_mb
 
@@ -303,8 +303,9 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
 def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
     started = time.perf_counter()
     output_dir = Path(params.train.output_dir)
-    resume = prepare_output_dir(output_dir, fingerprint(params, prepared_dir))
-    trainer, precision, base_memory_mb = setup(params, prepared_dir)
+    run_fingerprint = fingerprint(params, prepared_dir)
+    resume = prepare_output_dir(output_dir, run_fingerprint)
+    trainer, precision, base_memory_mb = setup(params, prepared_dir, run_fingerprint)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     if precision.device == "cuda":
         torch.cuda.reset_peak_memory_stats()

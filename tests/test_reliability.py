@@ -31,8 +31,11 @@ def set_train(workdir: Path, **values) -> None:
 
 
 def start_train(workdir: Path) -> subprocess.Popen:
+    # A shell that starts jobs in the background ignores SIGINT in them, and Python then keeps ignoring it;
+    # restore the default so Ctrl-C reaches the stage as it would from a terminal.
     return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def train_to_end(workdir: Path) -> str:
