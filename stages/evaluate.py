@@ -118,10 +118,9 @@ def run(params: Params, which: str, test_file: Path = TEST_FILE) -> tuple[dict, 
         raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
     rows = read_jsonl(test_file)
     set_seed(params.evaluate.seed)
-    model_dir = {"base": params.model.model_name, "finetuned": params.train.finetuned_dir,
-                 "merged": params.export.merged_dir}[which]
-    tokenizer = load_tokenizer(ModelParams(model_name=model_dir, revision=params.model.revision
-                                           if which == "base" else None))
+    # The base's tokenizer comes with params.model (revision, trust_remote_code); ours are saved beside the weights.
+    tokenizer = load_tokenizer(params.model if which == "base" else ModelParams(
+        model_name=params.train.finetuned_dir if which == "finetuned" else params.export.merged_dir))
     model = load_model(params, which)
     print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
 

@@ -51,7 +51,8 @@ class DataParams:
             out.append(f"data.validation_ratio + data.test_ratio = {self.validation_ratio + self.test_ratio}: "
                        "must be below 1 to leave training examples")
         if self.validation_path is None and self.validation_ratio == 0:
-            out.append("data.validation_ratio: 0 leaves no validation split; set it above 0 or set data.validation_path")
+            out.append("data.validation_ratio: 0 leaves no validation split; "
+                       "set it above 0 or set data.validation_path")
         if self.test_path is None and self.test_ratio == 0:
             out.append("data.test_ratio: 0 leaves no test split; set it above 0 or set data.test_path")
         if (self.prompt_field is None) != (self.response_field is None):

@@ -143,7 +143,7 @@ def test_prompt_longer_than_max_length_is_a_bad_record(workdir):
     lines = data.read_text().splitlines()
     lines[4] = json.dumps({"prompt": "Spell out the number 5. " * 30, "response": "five"})
     data.write_text("\n".join(lines) + "\n")
-    with pytest.raises(StageError, match=re.escape(f"data/raw/toy.jsonl:5: the prompt alone is")):
+    with pytest.raises(StageError, match=re.escape("data/raw/toy.jsonl:5: the prompt alone is")):
         run(load_params())
     params = load_params()
     params.data.on_bad_record = "skip"

@@ -16,7 +16,6 @@ import pytest
 import yaml
 
 from stages import prepare, train
-from stages.common import StageError
 from stages.params import load_params
 
 # Long enough to be killed mid-run, aligned so that every checkpoint falls on a logging boundary.
