@@ -109,9 +109,10 @@ def quantization_config(quant: QuantizationParams):
         bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype))
 
 
-def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None):
+def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32"):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
-    `quantization` is given (QLoRA), else in fp32 (mixed precision is the Trainer's autocast, not the weights)."""
+    `quantization` is given (QLoRA), else in `dtype`: float32 unless the weights stay frozen under mixed precision
+    (LoRA with bf16/fp16), where half-size weights halve the memory and autocast computes in that dtype anyway."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +121,7 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
     return AutoModelForCausalLM.from_pretrained(
-        model.model_name, revision=model.revision, dtype=torch.float32, use_safetensors=True,
+        model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
         attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
 
 

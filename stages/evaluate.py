@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -27,10 +28,6 @@ from stages.params import EvaluateParams, ModelParams, Params, load_params
 TEST_FILE = Path("data/prepared/test.jsonl")
 
 
-def batches(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
 @torch.no_grad()
 def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy over response tokens (token-weighted, prompt and padding excluded), perplexity, and
@@ -39,13 +36,19 @@ def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int
     total_loss, total_tokens = 0.0, 0
     y_true: list[int] = []
     y_pred: list[int] = []
-    ordered = sorted(rows, key=lambda r: len(r["input_ids"]))  # similar lengths together: less padding
-    for batch in progress(batches(ordered, batch_size), total=-(-len(ordered) // batch_size), desc="loss"):
+    ordered = sorted(rows, key=lambda r: -len(r["input_ids"]))  # similar lengths together: less padding
+    size = BatchSize(batch_size)
+    for batch in progress(size.batches(ordered), total=-(-len(ordered) // batch_size), desc="loss"):
         width = max(len(r["input_ids"]) for r in batch)
         ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
         labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch])
         mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        try:
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        except torch.OutOfMemoryError:
+            size.halve(len(batch), "evaluate.batch_size")
+            continue
+        size.done(len(batch))
         # Position t predicts token t+1.
         logits, targets = logits[:, :-1], labels[:, 1:].to(device)
         keep = targets != IGNORE_INDEX
@@ -60,22 +63,54 @@ def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams) -> list[str]:
-    """Batched generation with left padding and the KV cache, longest prompts first (an out-of-memory error shows
-    up in the first batch, not the last); returns the completions in the order of `prompts`."""
+    """Batched generation with left padding and the KV cache, prompts sorted by token length, longest first (little
+    padding per batch, and an out-of-memory error shows up in the first batch, not the last). A batch that runs out
+    of GPU memory is retried at half the size, and the rest of the run keeps the smaller size. Returns the
+    completions in the order of `prompts`."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    encoded = tokenizer(prompts)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     sampling = {"do_sample": True, "temperature": evaluate.temperature, "top_p": evaluate.top_p} \
         if evaluate.do_sample else {"do_sample": False}
     completions: dict[int, str] = {}
-    for idx in progress(batches(order, evaluate.batch_size), total=-(-len(order) // evaluate.batch_size),
-                        desc="generate"):
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, max_new_tokens=evaluate.max_new_tokens, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    size = BatchSize(evaluate.batch_size)
+    for idx in progress(size.batches(order), total=-(-len(order) // evaluate.batch_size), desc="generate"):
+        enc = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        try:
+            out = model.generate(**enc, max_new_tokens=evaluate.max_new_tokens, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+        except torch.OutOfMemoryError:
+            size.halve(len(idx), "evaluate.batch_size")
+            continue
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         completions.update({i: t.strip() for i, t in zip(idx, texts, strict=True)})
+        size.done(len(idx))
     return [completions[i] for i in range(len(prompts))]
+
+
+class BatchSize:
+    """Batches of a list at a size that halves when a batch does not fit in memory; a failed batch is retried."""
+
+    def __init__(self, size: int):
+        self.size, self.position = size, 0
+
+    def batches(self, items: list):
+        while self.position < len(items):
+            yield items[self.position:self.position + self.size]
+
+    def done(self, n: int) -> None:
+        self.position += n
+
+    def halve(self, failed: int, param: str) -> None:
+        if failed == 1:
+            raise StageError(f"{param}: out of memory generating for a single prompt; lower evaluate.max_new_tokens "
+                             "or prepare.max_length, or use a bigger GPU")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.size = max(1, failed // 2)
+        print(f"out of memory at a batch of {failed}: continuing at {self.size} "
+              f"(set {param}: {self.size} to start there)", file=sys.stderr)
 
 
 def score(predictions: list[str], references: list[str], evaluate: EvaluateParams) -> dict[str, float]:

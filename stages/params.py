@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -105,6 +106,9 @@ class TrainParams:
     fp16: bool = False  # CUDA only: fp16 autocast with gradient scaling
     bf16: bool = False  # bf16 autocast on CUDA (Ampere+) or CPU
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    packing: bool = True  # several examples per row, no attention across them: no compute spent on padding
+    group_by_length: bool = False  # without packing: batch examples of similar length to cut padding
+    torch_compile: bool = False  # torch.compile the model (see the benchmark before turning it on)
     dataloader_num_workers: int = 0
     seed: int = 42
 
@@ -124,6 +128,9 @@ class TrainParams:
                 out.append(f"train.{name}: {getattr(self, name)} must not be negative")
         if self.fp16 and self.bf16:
             out.append("train.fp16 and train.bf16: both are true; choose one")
+        if self.packing and self.group_by_length:
+            out.append("train.group_by_length: only applies without packing (packed rows have no padding to cut); "
+                       "set train.packing: false to use it")
         return out
 
 
@@ -287,6 +294,22 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 (and DVC) do: `1e-4` and the `1e-07` that
+    `dvc exp run -S train.learning_rate=1e-7` writes are numbers, not strings."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     """Map 'section.key' -> line number (1-based) from a composed YAML tree."""
     lines: dict[str, int] = {}
@@ -330,7 +353,7 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
     With `hardware`, also refuse what that machine cannot do."""
     try:
         node = yaml.compose(text)
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise ParamsError([f"{source}: not valid YAML: {err}"]) from err
     problems: list[str] = []

@@ -6,9 +6,11 @@
     dvc exp run -S train.method=full -S train.learning_rate=5e-4
     python -m stages.train                   # the same, without DVC
 
-Reads params `model`, `train`, `lora` and `quantization`. Writes the adapter (or the full model) as safetensors,
-the tokenizer and train_config.json (the resolved config, device and precision) to train.finetuned_dir; Trainer
-checkpoints to train.output_dir; and metrics/train.json. Method, quantization, device and precision are decided
+Reads params `model`, `train`, `lora`, `quantization` and `prepare.max_length` (the row length of packed batches,
+see stages/batching.py). Writes the adapter (or the full model) as safetensors, the tokenizer and train_config.json
+(the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to train.output_dir;
+metrics/train.json (including non-padding tokens/s and the padding fraction); and the loss curves to
+metrics/loss/{train,validation}.json (DVC plot `loss`). Method, quantization, device and precision are decided
 once, printed with the reason, and recorded in the metrics.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import sys
@@ -26,12 +29,15 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            write_json)
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
 
 PREPARED_DIR = Path("data/prepared")
+TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by stages.search for a trial that reports to a pruner
 METRICS_FILE = Path("metrics/train.json")
+PLOTS_DIR = Path("metrics/loss")
 
 
 @dataclass
@@ -99,7 +105,9 @@ def training_arguments(train: TrainParams, precision: Precision):
         seed=train.seed,
         data_seed=train.seed,
         use_cpu=precision.device == "cpu",
-        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.torch_compile,
+        include_num_input_tokens_seen="no",  # counted by GuardedTrainer, which knows packed rows' filler
         report_to=[],
         logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by the running mean
         disable_tqdm=not sys.stderr.isatty(),  # in a log file, one line per logging step instead of a bar
@@ -152,6 +160,29 @@ class DivergenceGuard(TrainerCallback):
             raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
 
 
+class TrialPruning(TrainerCallback):
+    """When a hyperparameter search runs this training as a trial (stages.search sets DVC_FINETUNE_TRIAL), report
+    each validation loss to the Optuna study and stop training early once the study's pruner says so."""
+
+    def __init__(self, spec: str):
+        import optuna
+
+        found = json.loads(spec)  # a study does not store its pruner: the search passes its settings
+        study = optuna.load_study(study_name=found["study"], storage=found["storage"],
+                                  pruner=optuna.pruners.MedianPruner(**found["median_pruner"]))
+        self.trial = optuna.trial.Trial(study, found["trial_id"])
+        self.pruned_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics and self.pruned_at is None:
+            self.trial.report(metrics["eval_loss"], state.global_step)
+            if self.trial.should_prune():
+                self.pruned_at = state.global_step
+                control.should_training_stop = True
+                print(f"search: validation loss {metrics['eval_loss']:.4f} at step {state.global_step} trails the "
+                      "other trials: stopping this trial early")
+
+
 def diverged(step: int, what: str, output_dir: str) -> Diverged:
     last = latest_checkpoint(Path(output_dir), fingerprint=None)
     return Diverged(f"training diverged at step {step}: {what}. Last good checkpoint: {last or 'none'}. "
@@ -162,9 +193,17 @@ def guarded_trainer_class():
     from transformers import Trainer
 
     class GuardedTrainer(Trainer):
-        """The Trainer, stopping at the first non-finite loss instead of averaging it into the logged loss."""
+        """The Trainer, stopping at the first non-finite loss instead of averaging it into the logged loss, and
+        counting real (non-padding, non-filler) tokens against all tokens computed."""
+
+        tokens_computed = 0  # this process's micro-batches, padding and filler included
+        tokens_real = 0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
+            real = real_tokens(inputs)
+            self.state.num_input_tokens_seen += real  # saved in checkpoints: survives a resume
+            self.tokens_real += real
+            self.tokens_computed += inputs["input_ids"].numel()
             loss = super().training_step(model, inputs, num_items_in_batch)
             if not torch.isfinite(loss):
                 raise diverged(self.state.global_step + 1, f"training loss is {loss.item()}", self.args.output_dir)
@@ -188,9 +227,10 @@ def fingerprint(params: Params, prepared_dir: Path) -> str:
     code_dir = Path(__file__).parent
     identity = {
         "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
+        "row_length": params.prepare.max_length,
         "quantization": as_dict(params.quantization) if params.train.method == "qlora" else None,
         "data": {name: digest(prepared_dir / f"{name}.jsonl") for name in ("train", "validation")},
-        "code": {name: digest(code_dir / name) for name in ("train.py", "common.py", "params.py")},
+        "code": {name: digest(code_dir / name) for name in ("train.py", "batching.py", "common.py", "params.py")},
         "versions": versions(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
@@ -253,7 +293,11 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
     set_seed(train.seed)
     train_rows, val_rows = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
     tokenizer = load_tokenizer(params.model)
-    model = load_base_model(params.model, params.quantization if method == "qlora" else None)
+    # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full) keep fp32 master weights, and
+    # peft keeps the adapter in fp32.
+    frozen_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.dtype, "float32") \
+        if method == "lora" else "float32"
+    model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype)
     base_memory_mb = model.get_memory_footprint() / 2**20
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
     if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
@@ -261,6 +305,11 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     if method in ("lora", "qlora"):
         model = get_peft_model(model, lora_config(params.lora))
+    if train.packing:
+        collator = PackedCollator(tokenizer.pad_token_id, params.prepare.max_length)
+        check_packing(model, collator, train_rows)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainable, total = trainable_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
           f"base weights {base_memory_mb:.1f} MB")
@@ -270,11 +319,13 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
         args=training_arguments(train, precision),
         train_dataset=train_rows,
         eval_dataset=val_rows,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[StepTimer(), DivergenceGuard(train.output_dir),
                    CheckpointMarker(run_fingerprint or fingerprint(params, prepared_dir))],
     )
+    if os.environ.get(TRIAL_ENV):
+        trainer.add_callback(TrialPruning(os.environ[TRIAL_ENV]))
     return trainer, precision, base_memory_mb
 
 
@@ -317,12 +368,16 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         trainer.evaluate()  # make sure the final weights have a validation loss
     save_finetuned(params, trainer, precision)
     (output_dir / FINISHED).touch()
+    for split, key in (("train", "loss"), ("validation", "eval_loss")):  # the loss curves: DVC plot `loss`
+        write_json(PLOTS_DIR / f"{split}.json",
+                   [{"step": e["step"], "loss": e[key]} for e in trainer.state.log_history if key in e])
 
     train = params.train
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
     tokens = int(state.num_input_tokens_seen)
     trainable, total = trainable_parameters(trainer.model)
+    pruning = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrialPruning)), None)
     return {
         "method": train.method,
         "quantization": quantization_summary(params),
@@ -334,7 +389,10 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "tokens_trained": tokens,
-        "tokens_per_second": round(tokens / timer.seconds, 1) if timer.seconds else None,
+        "tokens_per_second": round(tokens / timer.seconds, 1) if timer.seconds else None,  # non-padding tokens
+        "packing": train.packing,
+        "padding_fraction": (round(1 - trainer.tokens_real / trainer.tokens_computed, 4)
+                             if trainer.tokens_computed else None),  # of the tokens computed, the share wasted
         "train_time_s": round(timer.seconds, 2),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "peak_memory_mb": round(peak_memory_mb(precision.device), 1),
@@ -344,6 +402,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
                                  * trainer.args.world_size),
         "trainable_params": trainable,
         "total_params": total,
+        **({"pruned_at_step": pruning.pruned_at} if pruning and pruning.pruned_at else {}),
     }
 
 

@@ -65,3 +65,22 @@ def test_label_metrics_appear_for_label_data():
     out = evaluate.score(["yes", "no", "maybe so", "yes"], ["yes", "no", "yes", "no"], EvaluateParams())
     assert out["label_accuracy"] == 0.5 and out["label_unparseable"] == 1
     assert "label_f1" not in evaluate.score(["a"], ["b"], EvaluateParams())
+
+
+def test_generation_halves_the_batch_on_out_of_memory_and_keeps_outputs(toy, monkeypatch, capsys):
+    model, tokenizer = toy
+    prompts = [f"### Instruction:\nSpell out the number {n}.\n\n### Response:\n"
+               for n in (3, 41, 592, 7000, 12, 8, 66, 105)]
+    expected = evaluate.generate(model, tokenizer, prompts, EvaluateParams(batch_size=8, max_new_tokens=6))
+    real_generate, sizes = model.generate, []
+
+    def limited(**kwargs):  # a device that holds at most 2 prompts at once
+        sizes.append(kwargs["input_ids"].shape[0])
+        if kwargs["input_ids"].shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", limited)
+    assert evaluate.generate(model, tokenizer, prompts, EvaluateParams(batch_size=8, max_new_tokens=6)) == expected
+    assert sizes == [8, 4, 2, 2, 2, 2]  # 8 and 4 fail and are retried; the rest runs at 2
+    assert "out of memory at a batch of 8: continuing at 4" in capsys.readouterr().err

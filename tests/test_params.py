@@ -99,3 +99,9 @@ def test_lora_variants_and_all_linear_are_accepted():
     params = parse_params("lora:\n  target_modules: all-linear\n  use_dora: true\n  use_rslora: true\n"
                           "  modules_to_save: [lm_head]\n")
     assert params.lora.target_modules == "all-linear" and params.lora.modules_to_save == ["lm_head"]
+
+
+@pytest.mark.parametrize("written", ["1e-4", "1e-04", "1.0e-4", "0.0001"])
+def test_exponent_floats_without_a_dot_are_numbers(written):
+    # `dvc exp run -S train.learning_rate=1e-4` writes `1e-04`: a float in YAML 1.2 (and to DVC), a string to PyYAML
+    assert parse_params(f"train:\n  learning_rate: {written}\n").train.learning_rate == 1e-4

@@ -1,0 +1,169 @@
+"""GPU benchmark: our train stage on a Qwen2.5-0.5B-shaped model (random weights from a config, nothing downloaded),
+LoRA in bf16 with packing and QLoRA (nf4), reporting tokens/s, MFU and peak memory in one table.
+
+    python -m bench.gpu                  # on a CUDA machine, ~2-3 minutes
+    python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
+
+Mixed-length synthetic examples (64 to 512 tokens, the second half supervised) go through the same code as
+`dvc repro train`: stages.train.setup with the PackedCollator, the precision choice and bitsandbytes loading.
+MFU = 4·N·(non-padding tokens/s) / the measured bf16 matmul FLOP/s of this device (LoRA: no weight gradients for
+the frozen base); the vendor's dense bf16 peak, where known, is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.run import ROOT, StepClock, window
+
+QWEN25_05B = {"vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+              "num_attention_heads": 14, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+              "rope_theta": 1e6, "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+TOY = {"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "rope_theta": 1e6,
+       "tie_word_embeddings": True, "rms_norm_eps": 1e-6}
+VENDOR_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12}  # dense, no sparsity
+
+
+def build_model(shape: dict, out: Path) -> None:
+    """A randomly initialized Qwen2 of `shape`, saved as safetensors with the bundled tokenizer beside it (the
+    tokenizer only supplies the pad and EOS ids; the synthetic data holds token ids directly)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ROOT / "models/base")
+    config = Qwen2Config(**shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    del model
+
+
+def synthetic_split(path: Path, n: int, vocab: int, lengths: tuple[int, int], seed: int) -> None:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(n):
+            length = rng.randint(*lengths)
+            ids = [rng.randrange(3, vocab) for _ in range(length)]
+            labels = [-100] * (length // 2) + ids[length // 2:]
+            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+
+
+def matmul_peak(dtype: torch.dtype, device: str) -> float:
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < 2.0:
+        a @ b
+        count += 1
+    sync()
+    return 2 * n**3 * count / (time.perf_counter() - started)
+
+
+def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method: str, steps: int,
+               batch: int, row_length: int) -> dict:
+    from stages import train
+
+    p = copy.deepcopy(base_params)
+    p.model.model_name = str(model_dir)
+    p.train.method, p.train.bf16, p.train.packing = method, True, True
+    p.train.per_device_train_batch_size, p.train.per_device_eval_batch_size = batch, batch
+    p.train.max_steps, p.train.warmup_steps, p.train.learning_rate = steps, 2, 2e-4
+    p.train.eval_steps = p.train.save_steps = p.train.logging_steps = steps + 1
+    p.train.output_dir = str(work / f"checkpoints-{method}")
+    p.prepare.max_length = row_length
+    p.lora.r, p.lora.lora_alpha, p.lora.target_modules = 16, 32, "all-linear"
+    p.quantization.bnb_4bit_compute_dtype = "bfloat16"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer, precision, base_mb = train.setup(p, prepared, run_fingerprint="bench-gpu")
+    clock = StepClock()
+    trainer.add_callback(clock)
+    trainer.train()
+    result = window(clock.marks, max(2, steps // 5))
+    trainable, total = train.trainable_parameters(trainer.model)
+    result.update(method=method, precision=precision.dtype, device=precision.device,
+                  base_weight_mb=round(base_mb, 3), trainable_params=trainable, total_params=total,
+                  padding_fraction=round(1 - trainer.tokens_real / trainer.tokens_computed, 4),
+                  peak_memory_mb=round(train.peak_memory_mb(precision.device), 1),
+                  peak_memory_kind="cuda_allocated" if precision.device == "cuda" else "cpu_rss")
+    del trainer
+    shutil.rmtree(p.train.output_dir, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    from stages.params import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--toy", action="store_true", help="a tiny model of the same family (CPU is fine)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=None, help="examples per step (default 32; toy 8)")
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/gpu_results.json")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.toy:
+        parser.error("no CUDA device: run with --toy for a CPU-sized check of the same code")
+    shape = TOY if args.toy else QWEN25_05B
+    batch = args.batch or (8 if args.toy else 32)
+    lengths, row_length = ((16, 96), 128) if args.toy else ((64, 512), 2048)
+
+    base_params = load_params(ROOT / "params.yaml")
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    results: dict = {"device": device, "model": "toy Qwen2" if args.toy else "Qwen2.5-0.5B-shaped (random weights)",
+                     "examples_per_step": batch, "example_lengths": lengths, "row_length": row_length}
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp_name:
+        tmp = Path(tmp_name)
+        started = time.perf_counter()
+        build_model(shape, tmp / "model")
+        for split, n in (("train", batch * (args.steps + 2)), ("validation", batch)):
+            synthetic_split(tmp / f"prepared/{split}.jsonl", n, shape["vocab_size"], lengths, seed=len(split))
+        results["setup_seconds"] = round(time.perf_counter() - started, 1)
+        peak = matmul_peak(torch.bfloat16, "cuda" if cuda else "cpu")
+        results["measured_bf16_matmul_flops"] = round(peak)
+        vendor = next((v for k, v in VENDOR_PEAK_BF16.items() if k in device), None)
+        results["vendor_bf16_peak_flops"] = vendor
+        for method in args.methods.split(","):
+            print(f"{method}...", file=sys.stderr)
+            r = run_method(base_params, tmp / "model", tmp / "prepared", tmp, method, args.steps, batch, row_length)
+            n = r["total_params"] - (0 if shape["tie_word_embeddings"] else shape["vocab_size"] * shape["hidden_size"])
+            # toy: a model this small measures Python overhead, not the hardware
+            r["mfu_measured_peak"] = None if args.toy else round(4 * n * r["tokens_per_second"] / peak, 4)
+            r["mfu_vendor_peak"] = round(4 * n * r["tokens_per_second"] / vendor, 4) if vendor else None
+            results[method] = r
+    rows = [("method", "tokens/s", "MFU (measured peak)", "MFU (vendor peak)", "peak memory MB", "base weights MB",
+             "filler")]
+    for method in args.methods.split(","):
+        r = results[method]
+        mfu = f"{r['mfu_measured_peak']:.1%}" if r["mfu_measured_peak"] else "-"
+        rows.append((f"{method} ({r['precision']})", f"{r['tokens_per_second']:.0f}", mfu,
+                     f"{r['mfu_vendor_peak']:.1%}" if r["mfu_vendor_peak"] else "-", f"{r['peak_memory_mb']:.0f}",
+                     f"{r['base_weight_mb']:.0f}", f"{r['padding_fraction']:.1%}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    text = "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows)
+    print(f"{results['model']} on {device}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s\n{text}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

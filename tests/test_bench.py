@@ -1,0 +1,46 @@
+"""The benchmark commands run, and what they measure holds: equal loss packed and padded, identical generations."""
+
+import json
+
+import pytest
+
+from bench import gpu, run
+
+
+def test_window_skips_warmup_steps():
+    marks = [(0.0, 0), (5.0, 100), (6.0, 300), (7.0, 500), (7.5, 700), (11.5, 900)]  # slow first and last steps
+    result = run.window(marks, skip=2)
+    assert result["steps"] == 4 and result["tokens"] == 800 and result["seconds"] == 6.5
+    assert result["ms_per_step"] == 1000.0  # the median step, not the one hit by a burst of load
+    assert result["tokens_per_second"] == 200.0 and result["mean_tokens_per_second"] == round(800 / 6.5, 1)
+
+
+def test_bench_packing_and_generation_on_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    run.main(["--only", "packing,generate", "--steps", "8", "--rounds", "1", "--prompts", "8", "--out", str(out)])
+    results = json.loads(out.read_text())
+    packing, generate = results["packing"], results["generate"]
+    assert packing["max_relative_loss_difference"] < 1e-4  # same examples, same loss
+    assert packing["packed"]["padding_fraction"] < packing["padded_to_longest"]["padding_fraction"]
+    assert packing["padded_to_longest"]["padding_fraction"] < packing["padded_to_max_length"]["padding_fraction"]
+    assert packing["packed"]["tokens"] == packing["padded_to_longest"]["tokens"] > 0  # the same real tokens
+    assert generate["identical_outputs"] == generate["prompts"] == 8
+    table = (tmp_path / "bench.md").read_text()
+    assert "packed vs padded to longest" in table and "batched vs one-at-a-time generation" in table
+    assert table in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_sections():
+    with pytest.raises(SystemExit):
+        run.main(["--only", "trian"])
+
+
+def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(["--toy", "--steps", "4", "--batch", "4", "--out", str(out)])
+    results = json.loads(out.read_text())
+    for method in ("lora", "qlora"):
+        assert results[method]["tokens_per_second"] > 0 and results[method]["method"] == method
+        assert 0 < results[method]["trainable_params"] < results[method]["total_params"]
+    fp32_mb = results["qlora"]["total_params"] * 4 / 2**20
+    assert results["qlora"]["base_weight_mb"] < 0.5 * fp32_mb  # 4-bit linear layers (the toy's embedding stays fp32)
