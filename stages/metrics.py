@@ -11,16 +11,23 @@ import string
 
 import numpy as np
 
-# Which way a metric should move for the fine-tuned model to count as better.
-LOWER_IS_BETTER = {"eval_loss", "perplexity", "repetition_rate", "label_unparseable"}
-NEUTRAL = {"mean_length", "examples"}  # informative, neither direction is better
+# Which way a metric should move for a run to count as better (the compare stage and the review use this).
+LOWER_IS_BETTER = {"eval_loss", "perplexity", "repetition_rate", "label_unparseable", "max_abs_logit_diff",
+                   "padding_fraction", "truncated", "dropped_overlong", "peak_memory_mb", "base_weight_memory_mb"}
+NEUTRAL = {"mean_length", "examples", "steps", "epochs", "tokens_trained", "trainable_params", "total_params",
+           "effective_batch_size", "pruned_at_step"}  # informative, neither direction is better
+# Measured on a shared machine: they vary from run to run, so a review flags them only when given a threshold.
+PERFORMANCE = {"tokens_per_second", "train_time_s", "wall_time_s", "peak_memory_mb"}
 
 
 def direction(metric: str) -> str:
     """'lower', 'higher' or 'neutral'."""
-    if metric in LOWER_IS_BETTER:
+    if metric in LOWER_IS_BETTER or metric.endswith(("_loss", "_time_s")) or metric.startswith("bad_"):
         return "lower"
-    return "neutral" if metric in NEUTRAL else "higher"
+    if metric in NEUTRAL or metric.endswith("_examples") or metric.startswith(("tokens_", "supervised_tokens")) \
+            and metric != "tokens_per_second":
+        return "neutral"
+    return "higher"
 
 
 def normalize(text: str) -> str:
