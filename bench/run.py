@@ -1,6 +1,6 @@
 """The benchmark: the pipeline against its baselines, measured side by side in one run on the default model and data.
 
-    python -m bench                       # all measurements, ~5 minutes on 2 CPU cores
+    python -m bench                       # all measurements, ~8 minutes on 2 CPU cores
     python -m bench --only train,generate --out /tmp/bench.json
 
 Prints one table and writes JSON (bench/results.json) and Markdown (bench/results.md). Every ratio compares two
@@ -58,6 +58,8 @@ class StepClock(TrainerCallback):
 def window(marks: list[tuple[float, int]], skip: int) -> dict:
     """Throughput over the steps after the first `skip` (warm-up: allocator, kernels, first batches), from the median
     step time: on a shared machine a burst of background load slows a few steps, not the median."""
+    if len(marks) < skip + 2:
+        raise SystemExit(f"--steps: {len(marks)} steps leave fewer than 2 after {skip} warm-up steps; use more")
     (t0, n0), (t1, n1) = marks[skip - 1], marks[-1]
     steps = len(marks) - skip
     median = statistics.median(b[0] - a[0] for a, b in zip(marks[skip - 1:-1], marks[skip:], strict=True))
@@ -415,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     only = set(args.only.split(","))
     if unknown := only - set(SECTIONS):
         parser.error(f"--only: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if "flops" in only and "train" not in only:
+        parser.error("--only: flops is computed from the train section's throughput; add train")
 
     params = load_params(ROOT / "params.yaml")
     results: dict = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -100,14 +100,14 @@ def check_packing(model, collator: PackedCollator, rows: list[dict], examples: i
     sample = rows[:examples]
     if len(sample) < 2:
         return
-    packed = PackedCollator(collator.pad_token_id, row_length=sum(len(r["input_ids"]) for r in sample))(sample)
+    row = torch.as_tensor([[t for r in sample for t in r["input_ids"]]])  # one row, examples back to back
+    positions = torch.cat([torch.arange(len(r["input_ids"])) for r in sample])[None, :]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             device = model.get_input_embeddings().weight.device
-            logits = model(input_ids=packed["input_ids"].to(device),
-                           position_ids=packed["position_ids"].to(device)).logits[0].float()
+            logits = model(input_ids=row.to(device), position_ids=positions.to(device)).logits[0].float()
             start, worst, scale = 0, 0.0, 1e-6
             for row in sample:
                 n = len(row["input_ids"])

@@ -45,7 +45,7 @@ def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int
         mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
         try:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             size.halve(len(batch), "evaluate.batch_size")
             continue
         size.done(len(batch))
@@ -56,6 +56,7 @@ def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int
         total_tokens += int(keep.sum())
         y_true += targets[keep].tolist()
         y_pred += logits[keep].argmax(-1).tolist()
+        del logits  # a batch x length x vocabulary float32 tensor: not held through the next forward pass
     loss = total_loss / total_tokens
     return {"eval_loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))),
             **M.classification(y_true, y_pred, "token")}
@@ -80,7 +81,7 @@ def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams) -> 
         try:
             out = model.generate(**enc, max_new_tokens=evaluate.max_new_tokens, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             size.halve(len(idx), "evaluate.batch_size")
             continue
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -104,8 +105,8 @@ class BatchSize:
 
     def halve(self, failed: int, param: str) -> None:
         if failed == 1:
-            raise StageError(f"{param}: out of memory generating for a single prompt; lower evaluate.max_new_tokens "
-                             "or prepare.max_length, or use a bigger GPU")
+            raise StageError(f"{param}: out of memory on a single example; lower evaluate.max_new_tokens or "
+                             "prepare.max_length, or use a bigger GPU")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.size = max(1, failed // 2)

@@ -120,8 +120,9 @@ def differing_examples(base: str, exp: str | None, limit: int) -> list[str]:
         new = read_jsonl(Path(PREDICTIONS))
     if not old or not new:
         return ["Predictions are not available for both revisions."]
-    pairs = [(a, b) for a, b in zip(old, new, strict=False) if a["prompt"] == b["prompt"]
-             and a["prediction"] != b["prediction"]]
+    before = {row["prompt"]: row for row in old}  # by prompt: a reordered or resized test split still pairs up
+    pairs = [(before[b["prompt"]], b) for b in new
+             if b["prompt"] in before and before[b["prompt"]]["prediction"] != b["prediction"]]
     lines = [f"{len(pairs)} of {len(new)} test predictions differ; the first {min(limit, len(pairs))}:", "",
              "| prompt | reference | base | new |", "|---|---|---|---|"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def load_config(path: Path) -> SearchConfig:
              "overrides", "space", "study_name", "storage", "out_dir"}
     problems += [f"{path}: {key}: unknown key (known: {', '.join(sorted(known))})" for key in raw if key not in known]
     objective = raw.get("objective") or {}
+    if raw.get("overrides") is None:
+        raw["overrides"] = {}
     config = SearchConfig(space=[], **{k: raw[k] for k in known - {"objective", "space"} if k in raw},
                           metric=objective.get("metric", SearchConfig.metric),
                           direction=objective.get("direction", SearchConfig.direction))
@@ -110,11 +113,17 @@ def load_config(path: Path) -> SearchConfig:
         problems.append(f"{path}: sampler: {config.sampler!r} is not one of {', '.join(SAMPLERS)}")
     if config.pruner not in ("none", "median"):
         problems.append(f"{path}: pruner: {config.pruner!r} is not none or median")
-    if config.pruner != "none" and config.parallel > 1:
-        problems.append(f"{path}: pruner: needs parallel: 1 (queued workers cannot report to the study)")
     for key in ("trials", "parallel", "startup_trials"):
-        if not isinstance(getattr(config, key), int) or getattr(config, key) < (0 if key == "startup_trials" else 1):
-            problems.append(f"{path}: {key}: {getattr(config, key)!r} must be a positive integer")
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "startup_trials" else 1):
+            problems.append(f"{path}: {key}: {value!r} must be a positive integer")
+    if config.pruner != "none" and config.parallel != 1:
+        problems.append(f"{path}: pruner: needs parallel: 1 (queued workers cannot report to the study)")
+    if config.strategy == "bayes" and config.sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            problems.append(f"{path}: sampler: cmaes needs the cmaes package (pip install cmaes)")
     if config.direction not in ("maximize", "minimize"):
         problems.append(f"{path}: objective.direction: {config.direction!r} is not maximize or minimize")
     if ":" not in config.metric:
@@ -133,7 +142,12 @@ def load_config(path: Path) -> SearchConfig:
             continue
         unknown = set(spec) - {"type", "choices", "low", "high", "log", "step", "values"}
         problems += [f"{where}.{key}: unknown key" for key in sorted(unknown)]
+        if "type" not in spec:
+            problems.append(f"{where}.type: missing (categorical, float or int)")
+            continue
         dim = Dimension(name=name, **{k: v for k, v in spec.items() if k not in unknown})
+        if dim.log and dim.step is not None:
+            problems.append(f"{where}: log: true and step cannot be combined")
         if dim.type == "categorical":
             if not isinstance(dim.choices, list) or not dim.choices:
                 problems.append(f"{where}.choices: a categorical dimension needs a non-empty list of choices")
@@ -160,7 +174,9 @@ def sampler(config: SearchConfig):
     if config.strategy in ("grid", "random"):  # grid points are enqueued (see next_grid_points)
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials)
+        # constant_liar: trials asked together (parallel) are not all drawn from the same model of the objective
+        return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials,
+                                          constant_liar=config.parallel > 1)
     if config.sampler == "gp":
         return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=config.startup_trials)
     if config.sampler == "cmaes":
@@ -199,9 +215,12 @@ def set_param(key: str, value) -> str:
 
 
 def experiment_ref(name: str) -> str | None:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], capture_output=True,
-                          text=True, check=True).stdout.split()
-    return next((ref for ref in refs if ref.rsplit("/", 1)[-1] == name), None)
+    """The git ref of experiment `name` on the current commit (DVC keeps experiments under their baseline commit:
+    refs/exps/<sha[:2]>/<sha[2:]>/<name>), so an experiment of the same name on another commit is never read."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    found = subprocess.run(["git", "show-ref", "--verify", "--quiet", ref], check=False)
+    return ref if found.returncode == 0 else None
 
 
 def experiment_json(ref: str, path: str) -> dict | None:
@@ -219,7 +238,13 @@ def objective_value(config: SearchConfig, ref: str) -> float:
             raise StageError(f"objective.metric: {config.metric_file} has no key {config.metric_key!r} "
                              f"(it has: {', '.join(sorted(metrics))})")
         value = value[part]
-    return float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise StageError(f"objective.metric: {config.metric} is {value!r}, not a number") from None
+    if not math.isfinite(number):
+        raise StageError(f"objective.metric: {config.metric} is {number}")
+    return number
 
 
 def tail(text: str, lines: int = 15) -> str:
@@ -329,6 +354,15 @@ def search(config: SearchConfig) -> dict:
         else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage_url, study_name=config.study_name, direction=config.direction,
                                 sampler=sampler(config), pruner=pruner, load_if_exists=True)
+    identity = {"strategy": config.strategy, "metric": config.metric, "direction": config.direction,
+                "space": [vars(d) for d in config.space], "overrides": config.overrides}
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", identity)
+    elif stored != json.loads(json.dumps(identity)):
+        changed = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != stored.get(k))
+        raise StageError(f"study_name: {config.study_name!r} in {config.storage} was started with another "
+                         f"{', '.join(changed)}; give this search a new study_name (or delete the storage)")
     settle_interrupted(study, config)
     total = budget(config)
     while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) < total:
@@ -360,8 +394,9 @@ def leaderboard(study, config: SearchConfig) -> dict:
     for trial in study.get_trials(deepcopy=False):
         if trial.state == TrialState.FAIL and "error" not in trial.user_attrs:
             continue  # interrupted and re-run as another trial
+        value = trial.value if trial.state == TrialState.COMPLETE else None  # a pruned trial's value is a loss
         rows.append({"trial": trial.number, "experiment": trial.user_attrs.get("experiment"),
-                     "state": trial.state.name.lower(), "value": trial.value, "params": trial.params,
+                     "state": trial.state.name.lower(), "value": value, "params": trial.params,
                      "error": trial.user_attrs.get("error"), "pruned_at_step": trial.user_attrs.get("pruned_at_step")})
     sign = -1 if config.direction == "maximize" else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * r["value"] if r["value"] is not None else 0, r["trial"]))
@@ -372,6 +407,10 @@ def leaderboard(study, config: SearchConfig) -> dict:
     write_json(out / "leaderboard.json", board)
     write_text(out / "leaderboard.md", markdown(board, config))
     return board
+
+
+def cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def markdown(board: dict, config: SearchConfig) -> str:
@@ -389,7 +428,7 @@ def markdown(board: dict, config: SearchConfig) -> str:
         value = f"{row['value']:g}" if row["value"] is not None else (row["error"] or "").splitlines()[-1][:60] \
             if row["state"] == "fail" else f"pruned at step {row['pruned_at_step']}"
         lines.append(f"| {rank} | {row['experiment']} | {row['state']} | {value} | "
-                     + " | ".join(f"{row['params'].get(n, '')}" for n in names) + " |")
+                     + " | ".join(cell(row["params"].get(n, "")) for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

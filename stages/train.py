@@ -171,11 +171,13 @@ class TrialPruning(TrainerCallback):
         study = optuna.load_study(study_name=found["study"], storage=found["storage"],
                                   pruner=optuna.pruners.MedianPruner(**found["median_pruner"]))
         self.trial = optuna.trial.Trial(study, found["trial_id"])
+        # the pruner ranks by the study's direction: a loss is reported negated when the objective is maximized
+        self.sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
         self.pruned_at: int | None = None
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics and self.pruned_at is None:
-            self.trial.report(metrics["eval_loss"], state.global_step)
+            self.trial.report(self.sign * metrics["eval_loss"], state.global_step)
             if self.trial.should_prune():
                 self.pruned_at = state.global_step
                 control.should_training_stop = True
@@ -293,10 +295,11 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
     set_seed(train.seed)
     train_rows, val_rows = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
     tokenizer = load_tokenizer(params.model)
-    # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full) keep fp32 master weights, and
-    # peft keeps the adapter in fp32.
+    # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies that
+    # LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
+    base_trains = bool(params.lora.modules_to_save) or params.lora.bias != "none"
     frozen_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.dtype, "float32") \
-        if method == "lora" else "float32"
+        if method == "lora" and not base_trains else "float32"
     model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype)
     base_memory_mb = model.get_memory_footprint() / 2**20
     model.config.use_cache = False  # the KV cache is for generation; training does not use it
@@ -389,7 +392,8 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
         "tokens_trained": tokens,
-        "tokens_per_second": round(tokens / timer.seconds, 1) if timer.seconds else None,  # non-padding tokens
+        # non-padding tokens per second of this session's steps (a resumed run counts only its own part)
+        "tokens_per_second": round(trainer.tokens_real / timer.seconds, 1) if timer.seconds else None,
         "packing": train.packing,
         "padding_fraction": (round(1 - trainer.tokens_real / trainer.tokens_computed, 4)
                              if trainer.tokens_computed else None),  # of the tokens computed, the share wasted

@@ -78,6 +78,12 @@ def test_packed_loss_equals_padded_loss(prepared):
     assert packed_sum / packed_n == pytest.approx(padded_sum / padded_n, rel=1e-5)
 
 
+def test_packing_check_holds_for_examples_of_equal_length(prepared):
+    _, rows, tokenizer, model = prepared
+    same = [rows[0]] * 4  # templated data often has equal lengths: rows that fill exactly
+    check_packing(model, PackedCollator(tokenizer.pad_token_id, 2 * len(rows[0]["input_ids"])), same)
+
+
 def test_packing_is_refused_when_attention_crosses_examples(prepared, monkeypatch):
     import transformers.masking_utils as masking
 
@@ -114,4 +120,5 @@ def test_gradient_accumulation_normalizes_by_supervised_tokens(workdir, packing)
     assert loss_4 == pytest.approx(loss_1, rel=1e-5)
     for name, weight in weights_1.items():
         assert torch.allclose(weights_4[name], weight, atol=1e-7, rtol=1e-5), name
-    assert all(w.abs().sum() > 0 for n, w in weights_1.items() if "lora_B" in n)  # zero at init: the step moved it
+    lora_b = [w for n, w in weights_1.items() if "lora_B" in n]
+    assert lora_b and all(w.abs().sum() > 0 for w in lora_b)  # zero at init: the step moved them

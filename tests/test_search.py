@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,14 +85,14 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(stand_in):
 
 def test_a_stopped_search_resumes_with_only_the_remaining_trials(stand_in):
     path = config_file(stand_in, trials=4)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "stages.search", "--config", str(path)], cwd=stand_in, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finished = 0
-    for line in proc.stdout:  # kill it once two trials are done (the third has started)
+    for line in proc.stdout:  # once two trials are done, kill the search and the trial it started, as Ctrl-C would
         finished += line.startswith("trial ") and ": score = " in line
         if finished == 2:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait()
     assert experiments(stand_in) >= {"s-0", "s-1"}
@@ -102,7 +103,18 @@ def test_a_stopped_search_resumes_with_only_the_remaining_trials(stand_in):
     assert sorted(t["state"] for t in board["trials"]) == ["complete"] * 4
     ran_again = [line for line in done.stdout.splitlines() if line.startswith("trials ")]
     assert ran_again == ["trials 3-3 of 4 (random)", "trials 4-4 of 4 (random)"]
-    assert {"s-0", "s-1"} <= {t["experiment"] for t in board["trials"]}
+    names = {t["experiment"] for t in board["trials"]}
+    assert {"s-0", "s-1"} <= names
+    if "trial 2: interrupted" in done.stdout:  # killed mid-trial (else: killed before it started)
+        assert "s-2" not in names and names == {"s-0", "s-1", "s-3", "s-4"}
+
+
+def test_a_changed_search_config_is_not_mixed_into_an_old_study(stand_in):
+    search.search(search.load_config(config_file(stand_in, trials=1)))
+    changed = search.load_config(config_file(stand_in, trials=2, objective={"metric": "metrics/score.json:score",
+                                                                            "direction": "minimize"}))
+    with pytest.raises(StageError, match="was started with another direction; give this search a new study_name"):
+        search.search(changed)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -112,6 +124,8 @@ def test_a_stopped_search_resumes_with_only_the_remaining_trials(stand_in):
     ({"space": {"x": {"type": "float", "low": 0, "high": 1, "log": True}}}, "space.x: log: true needs low > 0"),
     ({"strategy": "grid", "space": {"x": {"type": "float", "low": 0, "high": 1}}}, "space.x.values: the grid"),
     ({"trails": 3}, "trails: unknown key"),
+    ({"space": {"x": {"low": 0, "high": 1}}}, "space.x.type: missing"),
+    ({"parallel": "two"}, "parallel: 'two' must be a positive integer"),
 ])
 def test_bad_search_config_names_file_and_key(stand_in, change, message):
     with pytest.raises(StageError, match=re.escape("search.yaml: " + message)):
@@ -128,20 +142,23 @@ def test_parallel_trials_are_queued_and_run_by_dvc_workers(stand_in):
     assert "Success" in queued and "Failed" not in queued
 
 
-def test_a_trial_trailing_the_median_stops_training_early(workdir, monkeypatch):
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_a_trial_trailing_the_median_stops_training_early(workdir, monkeypatch, direction):
+    """Whatever the objective's direction, the trial with the higher validation loss is the one stopped."""
     import optuna
 
     from stages import prepare, train
     from stages.params import load_params
 
+    sign = -1 if direction == "maximize" else 1  # how the train stage reports a loss to this study
     storage = f"sqlite:///{workdir / 'study.db'}"
-    study = optuna.create_study(study_name="p", storage=storage,
+    study = optuna.create_study(study_name="p", storage=storage, direction=direction,
                                 pruner=optuna.pruners.MedianPruner(**search.MEDIAN_PRUNER))
     for _ in range(2):  # two earlier trials with a far lower validation loss at every evaluation
         earlier = study.ask()
         for step in (3, 6):
-            earlier.report(0.01, step)
-        study.tell(earlier, 0.01)
+            earlier.report(sign * 0.01, step)
+        study.tell(earlier, 1.0)
     trial = study.ask()
     monkeypatch.setenv(train.TRIAL_ENV, json.dumps({"storage": storage, "study": "p", "trial_id": trial._trial_id,
                                                     "median_pruner": search.MEDIAN_PRUNER}))
@@ -149,4 +166,4 @@ def test_a_trial_trailing_the_median_stops_training_early(workdir, monkeypatch):
     prepare.run(params)
     metrics = train.run(params)
     assert metrics["pruned_at_step"] == 3 and metrics["steps"] == 3  # of max_steps 6
-    assert study.trials[-1].intermediate_values == {3: pytest.approx(metrics["best_eval_loss"])}
+    assert study.trials[-1].intermediate_values == {3: pytest.approx(sign * metrics["best_eval_loss"])}
