@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,9 +68,14 @@ def find_runs(node) -> list[dict]:
     return found
 
 
+def review(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.review", *args], cwd=repo, capture_output=True, text=True,
+                          env=ENV, check=False)
+
+
 def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     repo = dvc_repo
-    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "init", "-q", "-b", "main")
     dvc(repo, "init", "-q")
     dvc(repo, "config", "core.analytics", "false")
     sh(repo, "git", "add", "-A")
@@ -126,6 +132,30 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
         assert failed.returncode != 0 and message in failed.stdout + failed.stderr
         assert {p: (repo / p).read_bytes() for p in before} == before
         sh(repo, "git", "checkout", "params.yaml")
+
+    # The pull-request review of an experiment against main, with a planted regression: a learning rate too small
+    # to learn anything in the toy's 6 steps.
+    same = review(repo, "--base", "main", "--exp", "main")
+    assert same.returncode == 0, same.stderr
+    assert "No regressions flagged." in same.stdout and "No params changed." in same.stdout
+    dvc(repo, "exp", "run", "--temp", "--name", "tiny-lr", "-S", "train.learning_rate=1e-7")
+    done = review(repo, "--base", "main", "--exp", "tiny-lr", "--out", "review/tiny-lr.md")
+    assert done.returncode == 1, done.stderr
+    assert "regression: " in done.stderr
+    report = (repo / "review/tiny-lr.md").read_text()
+    assert report.strip() in done.stdout
+    assert "| `train.learning_rate` | 0.005 | 1e-07 |" in report  # the params diff
+    eval_loss = next(line for line in report.splitlines() if "| eval_loss |" in line and "eval_finetuned" in line)
+    assert "↑ worse ⚠ regression" in eval_loss  # higher loss: an up arrow, worse, flagged
+    image = repo / "review/tiny-lr_plots/loss.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 5000
+    assert "![training and validation loss" in report and "tiny-lr_plots/loss.png" in report
+    differ = re.search(r"(\d+) of (\d+) test predictions differ", report)
+    assert differ and 0 < int(differ[1]) <= int(differ[2]) and "| prompt | reference | base | new |" in report
+    # thresholds wide enough for every regressed metric let the same change pass
+    regressed = {line.split("|")[2].strip().rsplit(".", 1)[-1] for line in report.splitlines() if "⚠" in line}
+    wide = [arg for name in regressed for arg in ("--threshold", f"{name}=1e9")]
+    assert review(repo, "--base", "main", "--exp", "tiny-lr", *wide).returncode == 0
 
     # Checkpoints stay in the workspace for resume but never enter the DVC cache (so never a dvc push).
     optimizer = next((repo / "models/checkpoints").glob("checkpoint-*/optimizer.pt"))

@@ -34,7 +34,7 @@ def stand_in(tmp_path, monkeypatch) -> Path:
 def config_file(repo: Path, **overrides) -> Path:
     config = {"strategy": "random", "trials": 4, "seed": 0, "study_name": "s",
               "objective": {"metric": "metrics/score.json:score", "direction": "maximize"},
-              "space": {"x": {"type": "float", "low": -2.0, "high": 4.0, "values": [0.0, 2.0]},
+              "space": {"x": {"type": "float", "low": -2.0, "high": 4.0, "values": [1.0]},
                         "lr": {"type": "float", "low": 1e-5, "high": 1e-1, "log": True, "values": [1e-3, 1e-2]},
                         "kind": {"type": "categorical", "choices": ["a", "b"]}}}
     config.update(overrides)
@@ -47,7 +47,7 @@ def experiments(repo: Path) -> set[str]:
     return {ref.rsplit("/", 1)[-1] for ref in git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").split()}
 
 
-@pytest.mark.parametrize("strategy, trials, expected", [("grid", 20, 8), ("random", 4, 4), ("bayes", 5, 5)])
+@pytest.mark.parametrize("strategy, trials, expected", [("grid", 20, 4), ("random", 4, 4), ("bayes", 4, 4)])
 def test_each_strategy_runs_its_trials_as_dvc_experiments(stand_in, strategy, trials, expected):
     config = search.load_config(config_file(stand_in, strategy=strategy, trials=trials, startup_trials=2))
     board = search.search(config)
@@ -60,7 +60,7 @@ def test_each_strategy_runs_its_trials_as_dvc_experiments(stand_in, strategy, tr
     assert score["score"] == best["value"]  # read back from the experiment itself
     if strategy == "grid":
         combos = {(t["params"]["x"], t["params"]["lr"], t["params"]["kind"]) for t in board["trials"]}
-        assert len(combos) == 8
+        assert len(combos) == 4
     if strategy == "random":
         assert all(1e-5 <= t["params"]["lr"] <= 1e-1 for t in board["trials"])
     shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], capture_output=True, text=True,
