@@ -249,22 +249,29 @@ def saved_activation_bytes(model, batch) -> int:
     return sum(n for ptr, n in seen.items() if ptr not in params)
 
 
-def bench_checkpointing(params, prepared: Path, tmp: Path, steps: int) -> dict:
-    from stages import train
-
+def on_off(params, prepared: Path, tmp: Path, steps: int, setting: str) -> dict:
+    """Our train stage with a boolean train param off, then on: {"off": result, "on": result}."""
     skip = max(3, steps // 6)
     out = {}
     for on in (False, True):
-        result = trainer_run(params, prepared, steps, skip, tmp, gradient_checkpointing=on)
+        result = trainer_run(params, prepared, steps, skip, tmp, **{setting: on})
         result.pop("losses")
+        out["on" if on else "off"] = result
+    return out
+
+
+def bench_checkpointing(params, prepared: Path, tmp: Path, steps: int) -> dict:
+    from stages import train
+
+    out = on_off(params, prepared, tmp, steps, "gradient_checkpointing")
+    for on in (False, True):
         p = bench_params(params, 1, tmp, gradient_checkpointing=on)
         trainer, _, _ = train.setup(p, prepared, run_fingerprint="bench")
         trainer.model.train()
         if on:  # the Trainer turns it on when training starts; do the same for the measured pass
             trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
         batch = next(iter(trainer.get_train_dataloader()))
-        result["activation_mb"] = round(saved_activation_bytes(trainer.model, batch) / 2**20, 2)
-        out["on" if on else "off"] = result
+        out["on" if on else "off"]["activation_mb"] = round(saved_activation_bytes(trainer.model, batch) / 2**20, 2)
     out["memory_ratio"] = round(out["on"]["activation_mb"] / out["off"]["activation_mb"], 3)
     out["throughput_ratio"] = round(out["on"]["tokens_per_second"] / out["off"]["tokens_per_second"], 3)
     return out
@@ -305,14 +312,9 @@ def bench_flops(params, train_result: dict) -> dict:
 
 
 def bench_compile(params, prepared: Path, tmp: Path, steps: int) -> dict:
-    skip = max(3, steps // 6)
-    out = {}
-    for on in (False, True):
-        result = trainer_run(params, prepared, steps, skip, tmp, torch_compile=on)
-        result.pop("losses")
-        # the first steps hold the compilation: total time minus the steady-state steps
+    out = on_off(params, prepared, tmp, steps, "torch_compile")
+    for result in out.values():  # the first steps hold the compilation: total time minus the steady-state steps
         result["startup_seconds"] = round(result["total_seconds"] - result["seconds"], 2)
-        out["on" if on else "off"] = result
     out["ratio"] = round(out["on"]["tokens_per_second"] / out["off"]["tokens_per_second"], 3)
     return out
 
