@@ -148,8 +148,22 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True):
     return PeftModel.from_pretrained(base, finetuned_dir)
 
 
+def quiet_library_bars() -> None:
+    """In a log file (stderr not a terminal), the libraries' own progress bars (loading weights, reading datasets)
+    would redraw with carriage returns; turn them off. The stages print plain progress lines instead."""
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers and the hub read it at import
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already: its setting was read
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def run_main(stage: Callable[[], None]) -> None:
     """Run a stage's main(): bad params or input exit 2 with the message, not a traceback."""
+    quiet_library_bars()
     try:
         stage()
     except (ParamsError, StageError) as err:

@@ -4,7 +4,8 @@
     python -m stages.compare
 
 Reads metrics/eval_base.json and metrics/eval_finetuned.json (no params). Writes metrics/compare.json, with
-{"base": x, "finetuned": y, "delta": y - x} per metric, and metrics/compare.md.
+{"base": x, "finetuned": y, "delta": y - x} per metric, metrics/compare.md, and metrics/compare_scores.json: the
+quality scores on one 0-100 scale, drawn by `dvc plots show` as grouped bars (template stages/compare_bars.json).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from stages.metrics import direction
 from stages.params import load_params
 
 BASE_FILE, FINETUNED_FILE = Path("metrics/eval_base.json"), Path("metrics/eval_finetuned.json")
+SCORES_FILE = Path("metrics/compare_scores.json")
+# The bar chart's metrics, on one scale: points as they are, fractions (0-1) times 100.
+POINTS = ("exact_match", "bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL")
+FRACTIONS = ("token_accuracy", "token_f1", "label_accuracy", "label_f1")
 ARROWS = {"higher": "↑", "lower": "↓", "neutral": "·"}
 
 
@@ -26,6 +31,16 @@ def compare(base: dict, finetuned: dict) -> dict[str, dict[str, float]]:
               and isinstance(finetuned[k], (int, float))]
     return {k: {"base": base[k], "finetuned": finetuned[k], "delta": round(finetuned[k] - base[k], 6)}
             for k in shared}
+
+
+def bar_rows(table: dict[str, dict[str, float]]) -> list[dict]:
+    """One row per (metric, model) for the grouped bar chart, every score in points (0-100)."""
+    rows = []
+    for metric in [m for m in POINTS + FRACTIONS if m in table]:
+        scale, name = (100, f"{metric} (%)") if metric in FRACTIONS else (1, metric)
+        for model, key in (("base", "base"), ("fine-tuned", "finetuned")):
+            rows.append({"metric": name, "model": model, "score": round(table[metric][key] * scale, 4)})
+    return rows
 
 
 def verdict(metric: str, delta: float) -> str:
@@ -54,6 +69,7 @@ def main() -> None:
     load_params()  # reads no params, but refuses to run on an invalid params.yaml like every stage
     table = compare(load(BASE_FILE), load(FINETUNED_FILE))
     write_json("metrics/compare.json", table)
+    write_json(SCORES_FILE, bar_rows(table))
     write_text(Path("metrics/compare.md"), markdown(table))
     print(markdown(table))
 

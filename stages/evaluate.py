@@ -6,8 +6,9 @@
     python -m stages.evaluate --model finetuned|base|merged
 
 Reads params `model` and `evaluate` (not the training ones: a generation setting never retrains; the fine-tuned
-model describes itself in its train_config.json). Writes metrics/eval_<model>.json and
-outputs/predictions_<model>.jsonl (every prompt, reference and prediction).
+model describes itself in its train_config.json). Writes metrics/eval_<model>.json,
+outputs/predictions_<model>.jsonl (every prompt, reference and prediction) and metrics/confusion_<model>.json
+(actual and predicted label per example when the answers are labels, for DVC's confusion-matrix plot; else empty).
 """
 
 from __future__ import annotations
@@ -114,17 +115,33 @@ class BatchSize:
               f"(set {param}: {self.size} to start there)", file=sys.stderr)
 
 
+def label_set(references: list[str], evaluate: EvaluateParams) -> list[str] | None:
+    """The labels to score generations against: given in params, detected (auto), or none (off / free text)."""
+    labels = evaluate.labels if isinstance(evaluate.labels, list) else None
+    if evaluate.labels == "auto":
+        labels = M.detect_labels(references, evaluate.max_labels)
+    return [M.normalize_label(label) for label in labels] if labels else None
+
+
 def score(predictions: list[str], references: list[str], evaluate: EvaluateParams) -> dict[str, float]:
     out = {"exact_match": M.exact_match(predictions, references)}
     out.update(M.bleu(predictions, references))
     out.update(M.rouge(predictions, references))
     out.update(M.generation_stats(predictions))
-    labels = evaluate.labels if isinstance(evaluate.labels, list) else None
-    if evaluate.labels == "auto":
-        labels = M.detect_labels(references, evaluate.max_labels)
+    labels = label_set(references, evaluate)
     if labels:
-        out.update(M.label_metrics(predictions, references, [M.normalize_label(label) for label in labels]))
+        out.update(M.label_metrics(predictions, references, labels))
     return out
+
+
+def confusion_rows(predictions: list[str], references: list[str], evaluate: EvaluateParams) -> list[dict]:
+    """{actual, predicted} label per test example, for DVC's confusion-matrix plot; empty (no plot drawn) when the
+    answers are free text rather than labels."""
+    labels = label_set(references, evaluate)
+    if not labels:
+        return []
+    return [{"actual": M.normalize_label(r), "predicted": M.parse_label(p, labels)}
+            for p, r in zip(predictions, references, strict=True)]
 
 
 def load_model(params: Params, which: str):
@@ -177,6 +194,8 @@ def main() -> None:
     params = load_params()
     metrics, records = run(params, args.model)
     write_jsonl(Path(f"outputs/predictions_{args.model}.jsonl"), records)
+    write_json(Path(f"metrics/confusion_{args.model}.json"), confusion_rows(
+        [r["prediction"] for r in records], [r["reference"] for r in records], params.evaluate))
     write_json(Path(f"metrics/eval_{args.model}.json"), metrics)
     print(json.dumps(metrics, indent=2))
 

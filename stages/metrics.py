@@ -15,13 +15,23 @@ import numpy as np
 LOWER_IS_BETTER = {"eval_loss", "perplexity", "repetition_rate", "label_unparseable", "max_abs_logit_diff",
                    "padding_fraction", "truncated", "dropped_overlong", "peak_memory_mb", "base_weight_memory_mb"}
 NEUTRAL = {"mean_length", "examples", "steps", "epochs", "tokens_trained", "trainable_params", "total_params",
-           "effective_batch_size", "pruned_at_step"}  # informative, neither direction is better
+           "effective_batch_size", "pruned_at_step", "learning_rate", "grad_norm"}  # informative, no better way
 # Measured on a shared machine: they vary from run to run, so a review flags them only when given a threshold.
 PERFORMANCE = {"tokens_per_second", "train_time_s", "wall_time_s", "peak_memory_mb"}
 
 
+SUMMARY_STATS = ("mean", "min", "max", "last")  # of each training series, in metrics/train.json's `summary`
+
+
+def base_name(key: str) -> str:
+    """The metric a key measures: 'summary.eval_loss.min' -> 'eval_loss'; a nested 'a.b' -> 'b'."""
+    parts = key.split(".")
+    return parts[-2] if len(parts) >= 2 and parts[-1] in SUMMARY_STATS else parts[-1]
+
+
 def direction(metric: str) -> str:
-    """'lower', 'higher' or 'neutral'."""
+    """'lower', 'higher' or 'neutral' (of a metric name, or a nested key such as 'summary.eval_loss.min')."""
+    metric = base_name(metric)
     if metric in LOWER_IS_BETTER or metric.endswith(("_loss", "_time_s")) or metric.startswith("bad_"):
         return "lower"
     if metric in NEUTRAL or metric.endswith("_examples") or metric.startswith(("tokens_", "supervised_tokens")) \

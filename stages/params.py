@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -210,6 +211,30 @@ class ExportParams:
 
 
 @dataclass
+class MlflowParams:
+    enabled: bool = False  # needs the extra: pip install -e ".[mlflow]"
+    experiment_name: str = "dvc-finetune"
+    run_name: str | None = None  # null = the DVC experiment's name (dvc exp run --name), else "train"
+    log_model: bool = True  # the adapter (or, for full fine-tuning, the whole model) as a run artifact
+
+
+@dataclass
+class WandbParams:
+    enabled: bool = False  # needs the extra: pip install -e ".[wandb]"
+    project: str = "dvc-finetune"
+    run_name: str | None = None  # null = the DVC experiment's name (dvc exp run --name), else "train"
+    mode: Literal["offline", "online"] = "offline"  # offline: a local run folder, no login; WANDB_MODE overrides
+    log_model: bool = True  # the adapter (or whole model) as a model artifact
+
+
+@dataclass
+class TrackingParams:
+    """Where the train stage sends its step metrics besides DVCLive (metrics/live, always on)."""
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    wandb: WandbParams = field(default_factory=WandbParams)
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     prepare: PrepareParams = field(default_factory=PrepareParams)
@@ -219,6 +244,7 @@ class Params:
     quantization: QuantizationParams = field(default_factory=QuantizationParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     export: ExportParams = field(default_factory=ExportParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
 
     def problems(self) -> list[str]:
         if self.train.method == "qlora" and not self.quantization.load_in_4bit:
@@ -232,6 +258,10 @@ class Hardware:
     cuda: bool
     cuda_bf16: bool
     bitsandbytes: bool
+    mlflow: bool = True  # the optional tracker packages are installed
+    wandb: bool = True
+    wandb_online_mode: str | None = None  # WANDB_MODE, which overrides tracking.wandb.mode
+    wandb_key: bool = True  # a W&B API key in WANDB_API_KEY or ~/.netrc
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -241,7 +271,22 @@ class Hardware:
 
         cuda = torch.cuda.is_available()
         return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
-                   bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None)
+                   bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+                   mlflow=importlib.util.find_spec("mlflow") is not None,
+                   wandb=importlib.util.find_spec("wandb") is not None,
+                   wandb_online_mode=os.environ.get("WANDB_MODE"), wandb_key=wandb_key_present())
+
+
+def wandb_key_present() -> bool:
+    """Whether W&B could log in without asking: a key in the environment or in ~/.netrc (`wandb login`)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def hardware_problems(params: Params, hw: Hardware) -> list[str]:
@@ -262,6 +307,15 @@ def hardware_problems(params: Params, hw: Hardware) -> list[str]:
                        "use float32 (fast) or bfloat16 on CPU")
         if quant.bnb_4bit_compute_dtype == "bfloat16" and hw.cuda and not hw.cuda_bf16:
             out.append("quantization.bnb_4bit_compute_dtype: bfloat16 is not supported by this GPU; use float16")
+    for name, installed in (("mlflow", hw.mlflow), ("wandb", hw.wandb)):
+        if getattr(params.tracking, name).enabled and not installed:
+            out.append(f"tracking.{name}.enabled: true, but {name} is not installed; "
+                       f"install the extra with pip install -e \".[{name}]\" (or set it false)")
+    wandb = params.tracking.wandb
+    if wandb.enabled and hw.wandb and (hw.wandb_online_mode or wandb.mode) == "online" and not hw.wandb_key:
+        where = "WANDB_MODE=online" if hw.wandb_online_mode == "online" else "tracking.wandb.mode: online"
+        out.append(f"tracking.wandb.mode: {where} needs a W&B API key (WANDB_API_KEY in the environment, or "
+                   "`wandb login`); use mode offline to log to a local run folder and `wandb sync` it later")
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.common import IGNORE_INDEX, StageError, load_tokenizer, run_main, write_json, write_jsonl
+from stages.common import IGNORE_INDEX, StageError, load_tokenizer, progress, run_main, write_json, write_jsonl
 from stages.params import DataParams, Params, PrepareParams, load_params
 
 PREPARED_DIR = Path("data/prepared")
@@ -222,7 +222,7 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     prepared = {}
     for name in SPLITS:
         records = []
-        for example in splits[name]:
+        for example in progress(splits[name], total=len(splits[name]), desc=f"tokenize {name}"):
             record, status = tokenize_example(example, tokenizer, prepare)
             if status == "prompt_too_long":
                 bad(example.source, status, f"the prompt alone is {prepare.max_length}+ tokens "

@@ -49,7 +49,7 @@ def metric_rows(base: str, exp: str | None, thresholds: dict[str, float], defaul
             old, new = change.get("old"), change.get("new")
             if not any(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new)):
                 continue
-            name = key.rsplit(".", 1)[-1]
+            name = M.base_name(key)
             direction = M.direction(name)
             numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
             delta = new - old if numeric else None

@@ -6,12 +6,14 @@
     dvc exp run -S train.method=full -S train.learning_rate=5e-4
     python -m stages.train                   # the same, without DVC
 
-Reads params `model`, `train`, `lora`, `quantization` and `prepare.max_length` (the row length of packed batches,
-see stages/batching.py). Writes the adapter (or the full model) as safetensors, the tokenizer and train_config.json
-(the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to train.output_dir;
-metrics/train.json (including non-padding tokens/s and the padding fraction); and the loss curves to
-metrics/loss/{train,validation}.json (DVC plot `loss`). Method, quantization, device and precision are decided
-once, printed with the reason, and recorded in the metrics.
+Reads params `model`, `train`, `lora`, `quantization`, `tracking` and `prepare.max_length` (the row length of packed
+batches, see stages/batching.py). Writes the adapter (or the full model) as safetensors, the tokenizer and
+train_config.json (the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to
+train.output_dir; metrics/train.json (including non-padding tokens/s, the padding fraction, and mean/min/max/last
+of every tracked series under `summary`); and the step metrics through DVCLive to metrics/live (the DVC plots
+`loss`, `learning_rate`, `grad_norm`, `throughput`), and to MLflow and W&B when params `tracking` enables them
+(stages/tracking.py). Method, quantization, device and precision are decided once, printed with the reason, and
+recorded in the metrics.
 """
 
 from __future__ import annotations
@@ -28,16 +30,17 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            write_json)
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
+from stages.tracking import LIVE_DIR, StepLog, read_series, start_trackers, summarize
 
 PREPARED_DIR = Path("data/prepared")
 TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by stages.search for a trial that reports to a pruner
 METRICS_FILE = Path("metrics/train.json")
-PLOTS_DIR = Path("metrics/loss")
 
 
 @dataclass
@@ -110,7 +113,7 @@ def training_arguments(train: TrainParams, precision: Precision):
         include_num_input_tokens_seen="no",  # counted by GuardedTrainer, which knows packed rows' filler
         report_to=[],
         logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by the running mean
-        disable_tqdm=not sys.stderr.isatty(),  # in a log file, one line per logging step instead of a bar
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, StepLog's one line per log instead of a bar
     )
 
 
@@ -365,15 +368,23 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if resume:
         print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    state = trainer.state
-    if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
-        trainer.evaluate()  # make sure the final weights have a validation loss
-    save_finetuned(params, trainer, precision)
+    resume_step = int(resume.name.split("-")[-1]) if resume else None
+    trackers = start_trackers(params, output_dir, resume_step)
+    elapsed = read_series(LIVE_DIR, "train/elapsed_s")
+    trainer.add_callback(StepLog(trackers, trainer, timer, elapsed[-1][1] if elapsed else 0.0))
+    if not sys.stderr.isatty():  # StepLog prints one plain line per log instead of the Trainer's dict
+        trainer.remove_callback(PrinterCallback)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        state = trainer.state
+        if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
+            trainer.evaluate()  # make sure the final weights have a validation loss
+        save_finetuned(params, trainer, precision)
+    except BaseException:
+        for tracker in trackers:
+            tracker.finish({}, Path(params.train.finetuned_dir), failed=True)
+        raise
     (output_dir / FINISHED).touch()
-    for split, key in (("train", "loss"), ("validation", "eval_loss")):  # the loss curves: DVC plot `loss`
-        write_json(PLOTS_DIR / f"{split}.json",
-                   [{"step": e["step"], "loss": e[key]} for e in trainer.state.log_history if key in e])
 
     train = params.train
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
@@ -381,7 +392,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
     tokens = int(state.num_input_tokens_seen)
     trainable, total = trainable_parameters(trainer.model)
     pruning = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrialPruning)), None)
-    return {
+    metrics = {
         "method": train.method,
         "quantization": quantization_summary(params),
         "device": precision.device,
@@ -407,7 +418,11 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         **({"pruned_at_step": pruning.pruned_at} if pruning and pruning.pruned_at else {}),
+        "summary": summarize(LIVE_DIR),  # mean/min/max/last of each series DVCLive tracked
     }
+    for tracker in trackers:
+        tracker.finish(metrics, Path(train.finetuned_dir), failed=False)
+    return metrics
 
 
 def versions() -> dict[str, str]:

@@ -78,6 +78,7 @@ def dvc_repo(tmp_path, toy_model_dir) -> Path:
     repo.mkdir()
     shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     write_toy_data(repo / "data/raw/toy.jsonl")
     (repo / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
     return repo

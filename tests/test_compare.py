@@ -1,4 +1,4 @@
-from stages.compare import compare, markdown, verdict
+from stages.compare import bar_rows, compare, markdown, verdict
 
 
 def test_compare_gives_base_finetuned_delta_for_shared_numeric_metrics():
@@ -17,3 +17,14 @@ def test_verdict_follows_the_metric_direction():
 def test_markdown_marks_direction_and_verdict():
     text = markdown({"eval_loss": {"base": 2.0, "finetuned": 1.5, "delta": -0.5}})
     assert "| eval_loss | ↓ lower | 2 | 1.5 | -0.5 | better |" in text
+
+
+def test_bar_rows_put_every_score_on_one_points_scale():
+    table = compare({"exact_match": 10.0, "token_accuracy": 0.25, "eval_loss": 2.0},
+                    {"exact_match": 80.0, "token_accuracy": 0.9, "eval_loss": 0.5})
+    assert bar_rows(table) == [
+        {"metric": "exact_match", "model": "base", "score": 10.0},
+        {"metric": "exact_match", "model": "fine-tuned", "score": 80.0},
+        {"metric": "token_accuracy (%)", "model": "base", "score": 25.0},
+        {"metric": "token_accuracy (%)", "model": "fine-tuned", "score": 90.0},
+    ]  # a loss is not a 0-100 score: it stays in compare.md

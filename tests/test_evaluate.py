@@ -67,6 +67,15 @@ def test_label_metrics_appear_for_label_data():
     assert "label_f1" not in evaluate.score(["a"], ["b"], EvaluateParams())
 
 
+def test_confusion_rows_pair_each_reference_label_with_the_parsed_prediction():
+    rows = evaluate.confusion_rows(["Yes.", "no", "maybe so", "yes"], ["yes", "No", "yes", "no"], EvaluateParams())
+    assert rows == [{"actual": "yes", "predicted": "yes"}, {"actual": "no", "predicted": "no"},
+                    {"actual": "yes", "predicted": "<unparseable>"}, {"actual": "no", "predicted": "yes"}]
+    free_text = ["April 5, 2023", "twelve", "3 km", "five past two"]
+    assert evaluate.confusion_rows(free_text, free_text, EvaluateParams()) == []  # no labels: no matrix
+    assert evaluate.confusion_rows(["a", "b"], ["a", "b"], EvaluateParams(labels="off")) == []
+
+
 def test_generation_halves_the_batch_on_out_of_memory_and_keeps_outputs(toy, monkeypatch, capsys):
     model, tokenizer = toy
     prompts = [f"### Instruction:\nSpell out the number {n}.\n\n### Response:\n"

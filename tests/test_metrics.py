@@ -58,3 +58,7 @@ def test_label_set_detection():
 def test_directions():
     assert M.direction("eval_loss") == "lower" and M.direction("perplexity") == "lower"
     assert M.direction("exact_match") == "higher" and M.direction("mean_length") == "neutral"
+    # the training series' summaries take the direction of their series
+    assert M.direction("summary.eval_loss.min") == "lower" and M.direction("summary.train_loss.last") == "lower"
+    assert M.direction("summary.learning_rate.max") == "neutral" and M.direction("summary.grad_norm.mean") == "neutral"
+    assert M.direction("summary.tokens_per_second.mean") == "higher"

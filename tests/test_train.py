@@ -5,6 +5,7 @@ import torch
 
 from stages import prepare, train
 from stages.params import TrainParams, load_params
+from stages.tracking import read_series
 
 
 @pytest.mark.parametrize("cuda, flags, expected", [
@@ -49,3 +50,18 @@ def test_run_writes_adapter_tokenizer_config_and_metrics(workdir):
     assert metrics["peak_memory_mb"] > 0 and metrics["wall_time_s"] >= metrics["train_time_s"] > 0
     checkpoints = sorted(p.name for p in (workdir / params.train.output_dir).glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-3", "checkpoint-6"]
+    # DVCLive's step series (logging_steps 2, eval_steps 3) and their summaries in the metrics
+    live = workdir / "metrics/live"
+    assert [step for step, _ in read_series(live, "train/loss")] == [2, 4, 6]
+    assert [step for step, _ in read_series(live, "eval/loss")] == [3, 6]
+    for series in ("learning_rate", "grad_norm", "tokens_per_second", "elapsed_s", "epoch"):
+        assert [step for step, _ in read_series(live, f"train/{series}")] == [2, 4, 6], series
+    summary = metrics["summary"]
+    assert set(summary) == {"train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"}
+    assert summary["eval_loss"]["min"] == pytest.approx(metrics["best_eval_loss"], rel=1e-5)
+    assert summary["eval_loss"]["last"] == pytest.approx(metrics["final_eval_loss"], rel=1e-5)
+    assert summary["train_loss"]["last"] == pytest.approx(metrics["final_train_loss"], rel=1e-5)
+    losses = [v for _, v in read_series(live, "train/loss")]
+    assert summary["train_loss"]["mean"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert all(s["min"] <= s["mean"] <= s["max"] for s in summary.values())
+    assert summary["learning_rate"]["max"] > summary["learning_rate"]["last"]  # linear decay after warmup

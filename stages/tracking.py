@@ -1,0 +1,297 @@
+"""Step metrics of a training run, to DVCLive (always) and to MLflow and Weights & Biases (when params.tracking says).
+
+The Trainer logs every train.logging_steps and validates every train.eval_steps; `StepLog` turns each of those logs
+into one record of named series, at the optimizer step, and hands it to every tracker:
+
+    train/loss  train/learning_rate  train/grad_norm  train/epoch  train/tokens_per_second  train/elapsed_s
+    eval/loss
+
+DVCLive writes each series to metrics/live/plots/metrics/<series>.tsv, the files dvc.yaml's plots draw. A resumed
+run keeps the history up to its checkpoint's step and drops the rows after it (that part of the killed run is
+replayed). `summarize` reads the same files back into mean/min/max/last per series for metrics/train.json.
+
+MLflow and W&B are optional extras (`pip install -e ".[mlflow]"`, `".[wandb]"`). Their local stores belong to the
+repository (./mlruns, ./wandb), also for `dvc exp run --temp` and queued experiments, which run in a copy under
+.dvc/tmp/exps. Credentials (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, a password in MLFLOW_TRACKING_URI) are read by
+those clients from the environment and never written by this module: what is logged is params.yaml's values, the
+step metrics, the final metrics and the fine-tuned directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from transformers import TrainerCallback
+
+from stages.params import MlflowParams, Params, WandbParams, as_dict
+
+LIVE_DIR = Path("metrics/live")
+RUN_IDS = "tracking.json"  # in train.output_dir: the tracker runs a resumed training continues
+SUMMARIZED = {"train/loss": "train_loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate",
+              "train/grad_norm": "grad_norm", "train/tokens_per_second": "tokens_per_second"}
+
+
+def series_file(live_dir: Path, series: str) -> Path:
+    return live_dir / "plots" / "metrics" / f"{series}.tsv"
+
+
+def read_series(live_dir: Path, series: str) -> list[tuple[int, float]]:
+    """(step, value) rows of one DVCLive metric file; empty if it was never logged."""
+    path = series_file(live_dir, series)
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    name = series.rsplit("/", 1)[-1]
+    return [(int(r["step"]), float(r[name])) for r in rows]
+
+
+def truncate_history(live_dir: Path, last_step: int) -> None:
+    """Drop every DVCLive row logged after `last_step`: the steps a resumed run will log again."""
+    for path in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        header, step_col = lines[:1], lines[0].rstrip("\n").split("\t").index("step") if lines else 0
+        kept = [line for line in lines[1:] if int(line.split("\t")[step_col]) <= last_step]
+        path.write_text("".join(header + kept), encoding="utf-8")
+
+
+def summarize(live_dir: Path) -> dict[str, dict[str, float]]:
+    """Mean, min, max and last of each tracked series: what `dvc exp show` can sort by (summary.eval_loss.min)."""
+    out = {}
+    for series, key in SUMMARIZED.items():
+        values = [v for _, v in read_series(live_dir, series)]
+        if values:
+            out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "last": values[-1]}
+            out[key] = {stat: float(f"{v:.6g}") for stat, v in out[key].items()}
+    return out
+
+
+def repository_root() -> Path:
+    """The repository this run belongs to. `dvc exp run --temp` and queued experiments run in a throwaway copy
+    under <repository>/.dvc/tmp/exps/; local tracking stores must outlive it."""
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def redact(uri: str) -> str:
+    """A URI without the user:password part, fit to print."""
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
+
+
+def flat_params(params: Params) -> dict[str, object]:
+    """The params that determine training, as 'section.key': value."""
+    sections = {"model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
+                "prepare": {"max_length": params.prepare.max_length}}
+    if params.train.method == "qlora":
+        sections["quantization"] = as_dict(params.quantization)
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
+def run_context() -> dict[str, str]:
+    """Where the run comes from: the DVC experiment's name and baseline commit, and the git commit."""
+    context = {}
+    if os.environ.get("DVC_EXP_NAME"):
+        context["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        context["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    if found.returncode == 0:
+        context["git_commit"] = found.stdout.strip()
+    return context
+
+
+class DvcLiveTracker:
+    """DVCLive in the train stage: writes the series files only. The stage's outputs and plots are declared in
+    dvc.yaml, so DVCLive neither edits dvc.yaml nor saves experiments of its own (dvc exp run does that)."""
+
+    name = "dvclive"
+
+    def __init__(self, live_dir: Path, resume_step: int | None):
+        from dvclive import Live
+
+        if resume_step is not None:
+            truncate_history(live_dir, resume_step)
+        self.live = Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False, save_dvc_exp=False,
+                         report=None)
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        self.live.step = step
+        for series, value in record.items():
+            self.live.log_metric(series, value)
+        self.live.make_summary()
+
+    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
+        self.live.end()
+
+
+class MlflowTracker:
+    name = "mlflow"
+
+    def __init__(self, settings: MlflowParams, params: Params, run_id: str | None, run_name: str, root: Path):
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = None
+        if not uri:  # a local SQLite store (MLflow no longer accepts a bare ./mlruns folder as its store)
+            (root / "mlruns").mkdir(exist_ok=True)
+            uri, artifacts = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", (root / "mlruns" / "artifacts").as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(settings.experiment_name)
+        if experiment is None:
+            try:
+                experiment_id = self.client.create_experiment(settings.experiment_name, artifact_location=artifacts)
+            except MlflowException:  # created meanwhile by a parallel experiment
+                experiment_id = self.client.get_experiment_by_name(settings.experiment_name).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        if run_id:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {f"dvc_finetune.{k}": v for k, v in run_context().items()}
+            run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, json.dumps(v) if not isinstance(v, str) else v)
+                                                  for k, v in flat_params(params).items()])
+        self.run_id, self.settings = run_id, settings
+        print(f"mlflow: run {run_id} ({run_name}) in experiment {settings.experiment_name!r} at {redact(uri)}")
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in record.items()])
+
+    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
+        from mlflow.entities import Metric
+
+        if not failed:
+            now, step = int(time.time() * 1000), metrics.get("steps", 0)
+            final = {f"final/{k}": float(v) for k, v in numeric(metrics).items()}
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in final.items()])
+            if self.settings.log_model:
+                self.client.log_artifacts(self.run_id, str(model_dir), artifact_path=artifact_name(metrics))
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+class WandbTracker:
+    name = "wandb"
+
+    def __init__(self, settings: WandbParams, params: Params, run_id: str | None, run_name: str, root: Path):
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or settings.mode
+        self.wandb, self.settings = wandb, settings
+        self.run = wandb.init(
+            project=settings.project, name=run_name, id=run_id or uuid.uuid4().hex[:12], resume="allow",
+            mode=mode, dir=str(root), config={**flat_params(params), **run_context()},
+            # git metadata is left out: a remote URL can carry a token; the commit is in the config instead
+            settings=wandb.Settings(disable_git=True, silent=True))
+        self.run_id = self.run.id
+        where = f"{root / 'wandb'} (offline; `wandb sync` uploads it)" if mode == "offline" else mode
+        print(f"wandb: run {self.run_id} ({run_name}) in project {settings.project!r}, {where}")
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        self.run.log(record, step=step)
+
+    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
+        if not failed:
+            self.run.summary.update({f"final/{k}": v for k, v in numeric(metrics).items()})
+            if self.settings.log_model:
+                artifact = self.wandb.Artifact(f"{artifact_name(metrics)}-{self.run_id}", type="model")
+                artifact.add_dir(str(model_dir))
+                self.run.log_artifact(artifact)
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+def artifact_name(metrics: dict) -> str:
+    return "model" if metrics.get("method") == "full" else "adapter"
+
+
+def numeric(metrics: dict) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def start_trackers(params: Params, output_dir: Path, resume_step: int | None, live_dir: Path = LIVE_DIR) -> list:
+    """DVCLive, plus MLflow and W&B when enabled. A resumed training continues the tracker runs it started (their
+    ids are kept in train.output_dir); a fresh one starts new runs."""
+    ids_file = output_dir / RUN_IDS
+    ids = json.loads(ids_file.read_text()) if resume_step is not None and ids_file.exists() else {}
+    root = repository_root()
+    run_name = os.environ.get("DVC_EXP_NAME") or "train"
+    trackers: list = [DvcLiveTracker(live_dir, resume_step)]
+    tracking = params.tracking
+    if tracking.mlflow.enabled:
+        trackers.append(MlflowTracker(tracking.mlflow, params, ids.get("mlflow"),
+                                      tracking.mlflow.run_name or run_name, root))
+    if tracking.wandb.enabled:
+        trackers.append(WandbTracker(tracking.wandb, params, ids.get("wandb"),
+                                     tracking.wandb.run_name or run_name, root))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ids_file.write_text(json.dumps({t.name: t.run_id for t in trackers if hasattr(t, "run_id")}))
+    return trackers
+
+
+class StepLog(TrainerCallback):
+    """Each Trainer log (training every logging_steps, validation every eval_steps) as one record to every tracker;
+    in a log file (stderr not a terminal) also one plain progress line per log, instead of a progress bar."""
+
+    def __init__(self, trackers: list, trainer, timer, elapsed_before: float = 0.0):
+        self.trackers, self.trainer, self.timer = trackers, trainer, timer
+        self.elapsed_before = elapsed_before  # of the run this one resumes
+        self.plain = not sys.stderr.isatty()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+        self.last = (self.trainer.tokens_real, self.timer.seconds)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            tokens, seconds = self.trainer.tokens_real - self.last[0], self.timer.seconds - self.last[1]
+            self.last = (self.trainer.tokens_real, self.timer.seconds)
+            record = {"train/loss": logs["loss"], "train/learning_rate": logs.get("learning_rate"),
+                      "train/grad_norm": logs.get("grad_norm"), "train/epoch": logs.get("epoch"),
+                      "train/tokens_per_second": tokens / seconds if seconds else None,
+                      "train/elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+        elif "eval_loss" in logs:
+            record = {"eval/loss": logs["eval_loss"]}
+        else:
+            return  # the end-of-training summary the Trainer logs: metrics/train.json holds those
+        record = {k: float(v) for k, v in record.items() if v is not None}
+        for tracker in self.trackers:
+            tracker.log(state.global_step, record)
+        if self.plain:
+            print(progress_line(state.global_step, state.max_steps, record), file=sys.stderr, flush=True)
+
+
+def progress_line(step: int, max_steps: int, record: dict[str, float]) -> str:
+    if "eval/loss" in record:
+        return f"step {step}/{max_steps}: validation loss {record['eval/loss']:.4f}"
+    line = f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%): loss {record['train/loss']:.4f}"
+    if "train/learning_rate" in record:
+        line += f", lr {record['train/learning_rate']:.3g}"
+    if "train/grad_norm" in record:
+        line += f", grad norm {record['train/grad_norm']:.3g}"
+    if "train/tokens_per_second" in record:
+        line += f", {record['train/tokens_per_second']:,.0f} tokens/s"
+    elapsed = record["train/elapsed_s"]
+    line += f", {elapsed:.0f}s elapsed"
+    if 0 < step < max_steps:
+        line += f", ~{elapsed / step * (max_steps - step):.0f}s left"
+    return line
