@@ -9,10 +9,14 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
+
+import browser
+from stages.metrics import base_name
 
 pytestmark = pytest.mark.e2e
 
@@ -73,7 +77,7 @@ def review(repo: Path, *args: str) -> subprocess.CompletedProcess:
                           env=ENV, check=False)
 
 
-def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
+def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     repo = dvc_repo
     sh(repo, "git", "init", "-q", "-b", "main")
     dvc(repo, "init", "-q")
@@ -93,6 +97,11 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     assert merge["greedy_agreement"] == 1.0 and merge["max_abs_logit_diff"] < 1e-3
     assert len((repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()) == \
         json.loads((repo / "metrics/prepare.json").read_text())["test_examples"]
+
+    # progress in a log: plain lines (one per logging step, 10% marks), no carriage-return redraws
+    assert "\r" not in out and re.search(r"^step 6/6 \(100%\): loss [0-9.]+, lr", out, re.M)
+    assert re.search(r"^tokenize train: \d+/\d+ ", out, re.M) and re.search(r"^generate: \d+/\d+ ", out, re.M)
+    check_plots_page(repo, tmp_path / "plots.png")
 
     again = dvc(repo, "repro")
     assert stages_run(again) == set() and "up to date" in again
@@ -119,6 +128,12 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     assert experiment and baseline
     metrics = experiment[0]["data"]["metrics"]
     assert metrics["metrics/train.json"]["data"]["steps"] == 6
+    summary = metrics["metrics/train.json"]["data"]["summary"]
+    assert summary["eval_loss"]["min"] == pytest.approx(metrics["metrics/train.json"]["data"]["best_eval_loss"],
+                                                        rel=1e-5)
+    table = dvc(repo, "exp", "show", "--no-pager", "--md", "--sort-by", "summary.eval_loss.min",
+                "--drop", ".*", "--keep", "Experiment|summary.eval_loss.min|train.learning_rate")
+    assert "summary.eval_loss.min" in table.splitlines()[0] and f"{summary['eval_loss']['min']:.5g}" in table
     assert "exact_match" in metrics["metrics/compare.json"]["data"]
     assert metrics["metrics/train.json"]["data"] != baseline[0]["data"]["metrics"]["metrics/train.json"]["data"]
 
@@ -138,7 +153,8 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     same = review(repo, "--base", "main", "--exp", "main")
     assert same.returncode == 0, same.stderr
     assert "No regressions flagged." in same.stdout and "No params changed." in same.stdout
-    dvc(repo, "exp", "run", "--temp", "--name", "tiny-lr", "-S", "train.learning_rate=1e-7")
+    dvc(repo, "exp", "run", "--temp", "--name", "tiny-lr", "-S", "train.learning_rate=1e-7",
+        "-S", "tracking.mlflow.enabled=true", "-S", "tracking.wandb.enabled=true")  # W&B offline
     done = review(repo, "--base", "main", "--exp", "tiny-lr", "--out", "review/tiny-lr.md")
     assert done.returncode == 1, done.stderr
     assert "regression: " in done.stderr
@@ -152,8 +168,20 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     assert "![training and validation loss" in report and "tiny-lr_plots/loss.png" in report
     differ = re.search(r"(\d+) of (\d+) test predictions differ", report)
     assert differ and 0 < int(differ[1]) <= int(differ[2]) and "| prompt | reference | base | new |" in report
+    overlaid = json.loads(dvc(repo, "plots", "diff", "main", "tiny-lr", "--json"))["data"]["loss"][0]
+    assert set(overlaid["revisions"]) == {"main", "tiny-lr"}  # dvc plots diff: both runs' loss curves on one chart
+    # the trackers: a temporary experiment (run in a copy under .dvc/tmp/exps) logs to the repository's own stores
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlruns/mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
+    assert run.info.run_name == "tiny-lr" and run.info.status == "FINISHED" and run.data.metrics["final/steps"] == 6
+    assert run.data.params["train.learning_rate"] == "1e-07"
+    assert len(list((repo / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert not list(repo.glob(".dvc/tmp/exps/**/mlruns")) and not list(repo.glob(".dvc/tmp/exps/**/wandb"))
+
     # thresholds wide enough for every regressed metric let the same change pass
-    regressed = {line.split("|")[2].strip().rsplit(".", 1)[-1] for line in report.splitlines() if "⚠" in line}
+    regressed = {base_name(line.split("|")[2].strip()) for line in report.splitlines() if "⚠" in line}
     wide = [arg for name in regressed for arg in ("--threshold", f"{name}=1e9")]
     assert review(repo, "--base", "main", "--exp", "tiny-lr", *wide).returncode == 0
 
@@ -162,6 +190,25 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo):
     md5 = hashlib.md5(optimizer.read_bytes()).hexdigest()
     assert not (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists()
     assert canary_hits(repo) == []
+
+
+def check_plots_page(repo: Path, screenshot: Path) -> None:
+    """`dvc plots show` writes the page; in headless Chromium, it draws every plot that has data."""
+    page = Path(dvc(repo, "plots", "show").strip().splitlines()[-1].removeprefix("file://"))
+    assert page == repo / "dvc_plots/index.html"
+    if not browser.chromium():
+        assert os.environ.get("REQUIRE_BROWSER") != "1", "no Chromium: install Debian's chromium (see README)"
+        warnings.warn("Chromium not found: dvc plots show's page was written but not opened in a browser")
+        return
+    plots, errors = browser.render(page, screenshot)
+    assert errors == []
+    assert browser.plots_with_data(page) == ["loss", "learning_rate", "grad_norm", "throughput",
+                                             "metrics_compare_scores_json"]  # confusion: free-text toy data
+    for plot_id in ("loss", "learning_rate", "grad_norm", "throughput"):
+        drawn, coloured = plots[plot_id]
+        assert drawn > 3000 and coloured > 300, (plot_id, plots[plot_id])  # axes, text and the coloured curves
+    assert plots["metrics_compare_scores_json"][0] > 3000  # axes and labels (the toy's scores are near 0)
+    assert plots["metrics_confusion_finetuned_json"][0] < 100  # an empty plot draws (almost) nothing
 
 
 @pytest.mark.skipif(os.environ.get("RUN_SLOW") != "1", reason="about 6 minutes of DVC queue workers; RUN_SLOW=1")
