@@ -278,13 +278,16 @@ class Hardware:
 
 
 def wandb_key_present() -> bool:
-    """Whether W&B could log in without asking: a key in the environment or in ~/.netrc (`wandb login`)."""
+    """Whether W&B could log in without asking: a key or identity-token file in the environment, or a netrc entry
+    (what `wandb login` writes; $NETRC or ~/.netrc) for the W&B host (WANDB_BASE_URL, else api.wandb.ai)."""
     import netrc
+    from urllib.parse import urlsplit
 
-    if os.environ.get("WANDB_API_KEY"):
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
     try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
@@ -307,6 +310,12 @@ def hardware_problems(params: Params, hw: Hardware) -> list[str]:
                        "use float32 (fast) or bfloat16 on CPU")
         if quant.bnb_4bit_compute_dtype == "bfloat16" and hw.cuda and not hw.cuda_bf16:
             out.append("quantization.bnb_4bit_compute_dtype: bfloat16 is not supported by this GPU; use float16")
+    return out
+
+
+def tracking_problems(params: Params, hw: Hardware) -> list[str]:
+    """Trackers enabled but unusable here: refused when training starts (other stages do not track)."""
+    out = []
     for name, installed in (("mlflow", hw.mlflow), ("wandb", hw.wandb)):
         if getattr(params.tracking, name).enabled and not installed:
             out.append(f"tracking.{name}.enabled: true, but {name} is not installed; "
@@ -402,9 +411,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return instance
 
 
-def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware | None = None) -> Params:
+def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware | None = None,
+                 training: bool = False) -> Params:
     """Parse and validate params YAML text; raise ParamsError with every problem, each with its line.
-    With `hardware`, also refuse what that machine cannot do."""
+    With `hardware`, also refuse what that machine cannot do (with `training`, the trackers too)."""
     try:
         node = yaml.compose(text)
         raw = load_yaml(text)
@@ -414,6 +424,8 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
     params = _build(Params, raw, "", problems)
     if not problems and hardware is not None:
         problems.extend(hardware_problems(params, hardware))
+        if training:
+            problems.extend(tracking_problems(params, hardware))
     if problems:
         lines = _key_lines(node) if node is not None else {}
 
@@ -426,12 +438,14 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
     return params
 
 
-def load_params(path: Path | str = PARAMS_FILE) -> Params:
-    """params.yaml, checked against the schema and against this machine: what every stage calls first."""
+def load_params(path: Path | str = PARAMS_FILE, training: bool = False) -> Params:
+    """params.yaml, checked against the schema and against this machine: what every stage calls first (the train
+    stage with `training`, which also checks that the enabled trackers can run)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError([f"{path}: not found (run from the repository root)"])
-    return parse_params(path.read_text(encoding="utf-8"), source=str(path), hardware=Hardware.detect())
+    return parse_params(path.read_text(encoding="utf-8"), source=str(path), hardware=Hardware.detect(),
+                        training=training)
 
 
 def as_dict(section: Any) -> dict[str, Any]:

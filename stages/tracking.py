@@ -20,12 +20,15 @@ step metrics, the final metrics and the fine-tuned directory.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -35,8 +38,9 @@ from stages.params import MlflowParams, Params, WandbParams, as_dict
 
 LIVE_DIR = Path("metrics/live")
 RUN_IDS = "tracking.json"  # in train.output_dir: the tracker runs a resumed training continues
-SUMMARIZED = {"train/loss": "train_loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate",
-              "train/grad_norm": "grad_norm", "train/tokens_per_second": "tokens_per_second"}
+SERIES = {"train/loss": "train_loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate",
+          "train/grad_norm": "grad_norm", "train/tokens_per_second": "tokens_per_second", "train/epoch": "epoch",
+          "train/elapsed_s": "elapsed_s"}  # series -> its key in metrics/train.json's summary
 
 
 def series_file(live_dir: Path, series: str) -> Path:
@@ -66,12 +70,21 @@ def truncate_history(live_dir: Path, last_step: int) -> None:
 def summarize(live_dir: Path) -> dict[str, dict[str, float]]:
     """Mean, min, max and last of each tracked series: what `dvc exp show` can sort by (summary.eval_loss.min)."""
     out = {}
-    for series, key in SUMMARIZED.items():
-        values = [v for _, v in read_series(live_dir, series)]
+    for series, key in SERIES.items():
+        values = [v for _, v in read_series(live_dir, series) if math.isfinite(v)]  # an fp16 overflow logs inf
         if values:
             out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "last": values[-1]}
             out[key] = {stat: float(f"{v:.6g}") for stat, v in out[key].items()}
     return out
+
+
+def history(live_dir: Path) -> dict[int, dict[str, float]]:
+    """Every series DVCLive holds, as one record per step (what a tracker enabled mid-run is first given)."""
+    steps: dict[int, dict[str, float]] = {}
+    for series in SERIES:
+        for step, value in read_series(live_dir, series):
+            steps.setdefault(step, {})[series] = value
+    return dict(sorted(steps.items()))
 
 
 def repository_root() -> Path:
@@ -124,10 +137,21 @@ class DvcLiveTracker:
     def __init__(self, live_dir: Path, resume_step: int | None):
         from dvclive import Live
 
+        class StageLive(Live):
+            def _init_dvc(self):
+                from dvc.exceptions import NotDvcRepoError
+                from dvc.repo import Repo
+
+                try:
+                    Repo.find_root()
+                except NotDvcRepoError:
+                    return  # outside a DVC repository DVCLive would run `dvc init`; a stage must not
+                super()._init_dvc()
+
         if resume_step is not None:
             truncate_history(live_dir, resume_step)
-        self.live = Live(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False, save_dvc_exp=False,
-                         report=None)
+        self.live = StageLive(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False, save_dvc_exp=False,
+                              report=None)
 
     def log(self, step: int, record: dict[str, float]) -> None:
         self.live.step = step
@@ -135,7 +159,7 @@ class DvcLiveTracker:
             self.live.log_metric(series, value)
         self.live.make_summary()
 
-    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
+    def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
         self.live.end()
 
 
@@ -145,22 +169,19 @@ class MlflowTracker:
     def __init__(self, settings: MlflowParams, params: Params, run_id: str | None, run_name: str, root: Path):
         from mlflow import MlflowClient
         from mlflow.entities import Param
-        from mlflow.exceptions import MlflowException
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI")
-        artifacts = None
-        if not uri:  # a local SQLite store (MLflow no longer accepts a bare ./mlruns folder as its store)
-            (root / "mlruns").mkdir(exist_ok=True)
-            uri, artifacts = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", (root / "mlruns" / "artifacts").as_uri()
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment = self.client.get_experiment_by_name(settings.experiment_name)
-        if experiment is None:
-            try:
-                experiment_id = self.client.create_experiment(settings.experiment_name, artifact_location=artifacts)
-            except MlflowException:  # created meanwhile by a parallel experiment
-                experiment_id = self.client.get_experiment_by_name(settings.experiment_name).experiment_id
-        else:
-            experiment_id = experiment.experiment_id
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
+            uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"  # not the temporary copy's
+        database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        # a local store keeps its artifacts beside the database (MLflow would put them under the current
+        # directory, which for a temporary experiment is deleted); one process at a time creates its tables
+        artifacts = (database.parent / "artifacts").as_uri() if database else None
+        with store_lock(database):
+            self.client = MlflowClient(tracking_uri=uri)
+            experiment = self.client.get_experiment_by_name(settings.experiment_name)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+                settings.experiment_name, artifact_location=artifacts)
         if run_id:
             self.client.update_run(run_id, status="RUNNING")
         else:
@@ -177,16 +198,29 @@ class MlflowTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in record.items()])
 
-    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
+    def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
         from mlflow.entities import Metric
 
-        if not failed:
+        if outcome == "finished":
             now, step = int(time.time() * 1000), metrics.get("steps", 0)
             final = {f"final/{k}": float(v) for k, v in numeric(metrics).items()}
             self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in final.items()])
             if self.settings.log_model:
                 self.client.log_artifacts(self.run_id, str(model_dir), artifact_path=artifact_name(metrics))
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        self.client.set_terminated(self.run_id, status=outcome.upper())
+
+
+@contextmanager
+def store_lock(database: Path | None):
+    """An exclusive lock beside a local SQLite store while it is opened (parallel experiments share one store, and
+    MLflow creates its tables unguarded)."""
+    if database is None:
+        yield
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / f".{database.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 class WandbTracker:
@@ -201,7 +235,7 @@ class WandbTracker:
             project=settings.project, name=run_name, id=run_id or uuid.uuid4().hex[:12], resume="allow",
             mode=mode, dir=str(root), config={**flat_params(params), **run_context()},
             # git metadata is left out: a remote URL can carry a token; the commit is in the config instead
-            settings=wandb.Settings(disable_git=True, silent=True))
+            settings=wandb.Settings(disable_git=True, quiet=True))
         self.run_id = self.run.id
         where = f"{root / 'wandb'} (offline; `wandb sync` uploads it)" if mode == "offline" else mode
         print(f"wandb: run {self.run_id} ({run_name}) in project {settings.project!r}, {where}")
@@ -209,14 +243,14 @@ class WandbTracker:
     def log(self, step: int, record: dict[str, float]) -> None:
         self.run.log(record, step=step)
 
-    def finish(self, metrics: dict, model_dir: Path, failed: bool) -> None:
-        if not failed:
+    def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
+        if outcome == "finished":
             self.run.summary.update({f"final/{k}": v for k, v in numeric(metrics).items()})
             if self.settings.log_model:
                 artifact = self.wandb.Artifact(f"{artifact_name(metrics)}-{self.run_id}", type="model")
                 artifact.add_dir(str(model_dir))
                 self.run.log_artifact(artifact)
-        self.run.finish(exit_code=1 if failed else 0)
+        self.run.finish(exit_code={"finished": 0, "killed": 255}.get(outcome, 1))
 
 
 def artifact_name(metrics: dict) -> str:
@@ -227,32 +261,86 @@ def numeric(metrics: dict) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def start_trackers(params: Params, output_dir: Path, resume_step: int | None, live_dir: Path = LIVE_DIR) -> list:
-    """DVCLive, plus MLflow and W&B when enabled. A resumed training continues the tracker runs it started (their
-    ids are kept in train.output_dir); a fresh one starts new runs."""
-    ids_file = output_dir / RUN_IDS
-    ids = json.loads(ids_file.read_text()) if resume_step is not None and ids_file.exists() else {}
-    root = repository_root()
-    run_name = os.environ.get("DVC_EXP_NAME") or "train"
-    trackers: list = [DvcLiveTracker(live_dir, resume_step)]
-    tracking = params.tracking
-    if tracking.mlflow.enabled:
-        trackers.append(MlflowTracker(tracking.mlflow, params, ids.get("mlflow"),
-                                      tracking.mlflow.run_name or run_name, root))
-    if tracking.wandb.enabled:
-        trackers.append(WandbTracker(tracking.wandb, params, ids.get("wandb"),
-                                     tracking.wandb.run_name or run_name, root))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ids_file.write_text(json.dumps({t.name: t.run_id for t in trackers if hasattr(t, "run_id")}))
-    return trackers
+class Tracking:
+    """DVCLive and the enabled trackers, fed the same records. DVCLive is the pipeline's record: an error there stops
+    training. MLflow and W&B are side channels: an error in one is reported, that tracker is left out for the rest of
+    the run (its run marked failed), and training goes on.
+
+    A resumed training continues the tracker runs it started, under the same names; the steps the killed run had
+    logged already and the resumed one replays are not sent twice. A tracker enabled only when the training resumes
+    is first given the history DVCLive kept."""
+
+    def __init__(self, params: Params, output_dir: Path, resume_step: int | None, live_dir: Path = LIVE_DIR):
+        self.state_file = output_dir / RUN_IDS
+        state = json.loads(self.state_file.read_text()) if resume_step is not None and self.state_file.exists() \
+            else {}
+        self.runs, self.logged = state.get("runs", {}), state.get("logged", {})
+        self.skip_through = dict(self.logged)  # per tracker: the last step its run already has
+        self.run_name = state.get("run_name") or os.environ.get("DVC_EXP_NAME") or "train"
+        self.trackers: list = []
+        self.dropped: list = []
+        try:
+            self.trackers.append(DvcLiveTracker(live_dir, resume_step))
+            root, tracking = repository_root(), params.tracking
+            for name, tracker_class in (("mlflow", MlflowTracker), ("wandb", WandbTracker)):
+                settings = getattr(tracking, name)
+                if not settings.enabled:
+                    continue
+                tracker = tracker_class(settings, params, self.runs.get(name), settings.run_name or self.run_name,
+                                        root)
+                self.trackers.append(tracker)
+                if name not in self.runs and resume_step is not None:  # a new run for a resumed training
+                    for step, record in history(live_dir).items():
+                        tracker.log(step, record)
+                    self.logged[name] = self.skip_through[name] = resume_step
+                self.runs[name] = tracker.run_id
+        except BaseException:
+            self.finish({}, Path(), "failed")  # the trackers already started
+            raise
+        self.save()
+
+    def save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps({"runs": self.runs, "run_name": self.run_name, "logged": self.logged}))
+
+    def log(self, step: int, record: dict[str, float]) -> None:
+        for tracker in list(self.trackers):
+            if step <= self.skip_through.get(tracker.name, -1) and tracker.name != "dvclive":
+                continue  # that run has this step from before the resume
+            try:
+                tracker.log(step, record)
+            except Exception as err:
+                if tracker.name == "dvclive":
+                    raise
+                warn(f"{tracker.name}: logging failed ({type(err).__name__}: {err}); training goes on without "
+                     f"{tracker.name}")
+                self.trackers.remove(tracker)
+                self.dropped.append(tracker)
+        if any(t.name != "dvclive" for t in self.trackers):
+            self.logged.update({t.name: step for t in self.trackers if t.name != "dvclive"})
+            self.save()
+
+    def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
+        """outcome: finished, failed or killed (Ctrl-C). A tracker that cannot finish is reported, not raised:
+        the training's own outcome (its outputs, or the error that stopped it) is what the stage reports."""
+        for tracker, tracker_outcome in [(t, outcome) for t in self.trackers] + [(t, "failed") for t in self.dropped]:
+            try:
+                tracker.finish(metrics, model_dir, tracker_outcome)
+            except Exception as err:
+                warn(f"{tracker.name}: could not finish its run ({type(err).__name__}: {err})")
+        self.trackers, self.dropped = [], []
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class StepLog(TrainerCallback):
     """Each Trainer log (training every logging_steps, validation every eval_steps) as one record to every tracker;
     in a log file (stderr not a terminal) also one plain progress line per log, instead of a progress bar."""
 
-    def __init__(self, trackers: list, trainer, timer, elapsed_before: float = 0.0):
-        self.trackers, self.trainer, self.timer = trackers, trainer, timer
+    def __init__(self, tracking: Tracking, trainer, timer, elapsed_before: float = 0.0):
+        self.tracking, self.trainer, self.timer = tracking, trainer, timer
         self.elapsed_before = elapsed_before  # of the run this one resumes
         self.plain = not sys.stderr.isatty()
 
@@ -273,9 +361,10 @@ class StepLog(TrainerCallback):
             record = {"eval/loss": logs["eval_loss"]}
         else:
             return  # the end-of-training summary the Trainer logs: metrics/train.json holds those
+        if not state.is_world_process_zero:
+            return  # one process logs for all
         record = {k: float(v) for k, v in record.items() if v is not None}
-        for tracker in self.trackers:
-            tracker.log(state.global_step, record)
+        self.tracking.log(state.global_step, record)
         if self.plain:
             print(progress_line(state.global_step, state.max_steps, record), file=sys.stderr, flush=True)
 

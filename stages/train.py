@@ -36,7 +36,7 @@ from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            write_json)
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
-from stages.tracking import LIVE_DIR, StepLog, read_series, start_trackers, summarize
+from stages.tracking import LIVE_DIR, StepLog, Tracking, read_series, summarize
 
 PREPARED_DIR = Path("data/prepared")
 TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by stages.search for a trial that reports to a pruner
@@ -368,10 +368,9 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         torch.cuda.reset_peak_memory_stats()
     if resume:
         print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
-    resume_step = int(resume.name.split("-")[-1]) if resume else None
-    trackers = start_trackers(params, output_dir, resume_step)
+    tracking = Tracking(params, output_dir, int(resume.name.split("-")[-1]) if resume else None)
     elapsed = read_series(LIVE_DIR, "train/elapsed_s")
-    trainer.add_callback(StepLog(trackers, trainer, timer, elapsed[-1][1] if elapsed else 0.0))
+    trainer.add_callback(StepLog(tracking, trainer, timer, elapsed[-1][1] if elapsed else 0.0))
     if not sys.stderr.isatty():  # StepLog prints one plain line per log instead of the Trainer's dict
         trainer.remove_callback(PrinterCallback)
     try:
@@ -380,11 +379,10 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
             trainer.evaluate()  # make sure the final weights have a validation loss
         save_finetuned(params, trainer, precision)
-    except BaseException:
-        for tracker in trackers:
-            tracker.finish({}, Path(params.train.finetuned_dir), failed=True)
+    except BaseException as err:
+        tracking.finish({}, Path(params.train.finetuned_dir), "killed" if isinstance(err, KeyboardInterrupt)
+                        else "failed")
         raise
-    (output_dir / FINISHED).touch()
 
     train = params.train
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
@@ -420,8 +418,8 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         **({"pruned_at_step": pruning.pruned_at} if pruning and pruning.pruned_at else {}),
         "summary": summarize(LIVE_DIR),  # mean/min/max/last of each series DVCLive tracked
     }
-    for tracker in trackers:
-        tracker.finish(metrics, Path(train.finetuned_dir), failed=False)
+    tracking.finish(metrics, Path(train.finetuned_dir), "finished")
+    (output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead of restarting
     return metrics
 
 
@@ -433,7 +431,7 @@ def versions() -> dict[str, str]:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(training=True)
     try:
         metrics = run(params)
     except KeyboardInterrupt:

@@ -30,6 +30,13 @@ def set_train(workdir: Path, **values) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def set_section(workdir: Path, section: str, **values) -> None:
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    for key, value in values.items():
+        params[section][key].update(value)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def start_train(workdir: Path) -> subprocess.Popen:
     # A shell that starts jobs in the background ignores SIGINT in them, and Python then keeps ignoring it;
     # restore the default so Ctrl-C reaches the stage as it would from a terminal.
@@ -69,6 +76,7 @@ def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(r
     reference = tmp_path_factory.mktemp("reference")  # the same run, uninterrupted
     shutil.copytree(workdir, reference, dirs_exist_ok=True)
     train_to_end(reference)
+    set_section(workdir, "tracking", mlflow={"enabled": True})  # tracked here (not part of what training does)
     proc = start_train(workdir)
     wait_for(workdir / "models/checkpoints/checkpoint-15" / train.MARKER, proc)
     # killed once step 20 is logged (so DVCLive holds rows past the checkpoint that will be resumed)
@@ -100,6 +108,37 @@ def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(r
     elapsed = read_series(workdir / "metrics/live", "train/elapsed_s")
     assert [step for step, _ in elapsed] == list(range(5, 45, 5))
     assert all(a < b for (_, a), (_, b) in zip(elapsed, elapsed[1:]))  # the clock goes on across the resume
+    # MLflow: the run the killed training started goes on, and the steps it had (15 to the kill) are not sent again
+    (run,) = mlflow_runs(workdir)
+    assert run.info.status == "FINISHED"
+    for series in ("train/loss", "eval/loss", "train/elapsed_s"):
+        logged = [(m.step, m.value) for m in mlflow_client(workdir).get_metric_history(run.info.run_id, series)]
+        assert sorted(logged) == read_series(workdir / "metrics/live", series), series
+
+
+def test_a_tracker_enabled_when_training_resumes_gets_the_history_so_far(resumable):
+    train.run(load_params())  # untracked
+    checkpoints = resumable / "models/checkpoints"
+    (checkpoints / train.FINISHED).unlink()
+    shutil.rmtree(checkpoints / "checkpoint-40")  # as if killed after step 35's checkpoint
+    set_section(resumable, "tracking", mlflow={"enabled": True})
+    train.run(load_params())  # resumes from step 35, now with MLflow
+    (run,) = mlflow_runs(resumable)
+    for series in ("train/loss", "eval/loss", "train/learning_rate"):
+        logged = [(m.step, m.value) for m in mlflow_client(resumable).get_metric_history(run.info.run_id, series)]
+        assert sorted(logged) == read_series(resumable / "metrics/live", series), series
+    assert min(m.step for m in mlflow_client(resumable).get_metric_history(run.info.run_id, "train/loss")) == 5
+
+
+def mlflow_client(workdir: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+
+
+def mlflow_runs(workdir: Path) -> list:
+    client = mlflow_client(workdir)
+    return client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
 
 
 def test_checkpoints_of_other_params_are_never_resumed(resumable, capsys):

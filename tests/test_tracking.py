@@ -70,7 +70,7 @@ def test_mlflow_honours_the_tracking_uri_in_the_environment(workdir, tmp_path_fa
     elsewhere = tmp_path_factory.mktemp("server") / "store.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{elsewhere}")
     monkeypatch.setenv("DVC_EXP_NAME", "bright-lamp")  # as dvc exp run sets it: the default run name
-    enable(workdir, "mlflow", log_model=False)
+    enable(workdir, "mlflow")
     params = load_params()
     prepare.run(params)
     train.run(params)
@@ -78,7 +78,69 @@ def test_mlflow_honours_the_tracking_uri_in_the_environment(workdir, tmp_path_fa
     client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere}")
     (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
     assert run.info.run_name == "bright-lamp" and run.data.tags["dvc_finetune.dvc_experiment"] == "bright-lamp"
-    assert list(client.list_artifacts(run.info.run_id)) == []  # log_model: false
+    # artifacts beside that store, not under the current directory (a temporary experiment's copy is deleted)
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(elsewhere.parent)
+    assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    enable(workdir, "mlflow", log_model=False, run_name="second")
+    train.run(load_params())
+    (second,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id],
+                                   "attributes.run_name = 'second'")
+    assert list(client.list_artifacts(second.info.run_id)) == []  # log_model: false
+
+
+def test_a_failing_tracker_is_reported_and_training_goes_on(workdir, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    enable(workdir, "mlflow")
+    params = load_params()
+    prepare.run(params)
+    calls = []
+
+    def flaky(self, step, record):
+        calls.append(step)
+        if len(calls) == 2:
+            raise ConnectionError("tracking server went away")
+
+    log = tracking.MlflowTracker.log
+    monkeypatch.setattr(tracking.MlflowTracker, "log", flaky)
+    metrics = train.run(params)  # completes
+    assert "warning: mlflow: logging failed (ConnectionError: tracking server went away); training goes on " \
+           "without mlflow" in capsys.readouterr().err
+    assert calls == [2, 3] and metrics["steps"] == 6  # no further calls after the failure
+    assert [s for s, _ in tracking.read_series(workdir / "metrics/live", "train/loss")] == [2, 4, 6]
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
+    assert run.info.status == "FAILED"
+
+    # a tracker that cannot finish: reported; the training's outputs stand and it counts as finished
+    monkeypatch.setattr(tracking.MlflowTracker, "log", log)
+    monkeypatch.setattr(tracking.MlflowTracker, "finish", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    assert train.run(load_params())["steps"] == 6
+    assert "warning: mlflow: could not finish its run (OSError: disk full)" in capsys.readouterr().err
+    assert (workdir / params.train.output_dir / train.FINISHED).exists()
+
+
+def test_a_tracker_that_cannot_start_stops_training_and_closes_the_others(workdir, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    enable(workdir, "mlflow")
+    enable(workdir, "wandb")
+    params = load_params()
+    prepare.run(params)
+
+    def unreachable(self, *args):
+        raise RuntimeError("wandb-core did not start")
+
+    monkeypatch.setattr(tracking.WandbTracker, "__init__", unreachable)
+    with pytest.raises(RuntimeError, match="wandb-core did not start"):
+        train.run(params)
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
+    assert run.info.status == "FAILED"  # not left RUNNING
+    assert not (workdir / params.train.finetuned_dir).exists()
 
 
 def wandb_records(path: Path):
@@ -144,20 +206,21 @@ def params_text(**tracking_settings) -> str:
 def test_an_enabled_tracker_that_is_not_installed_names_the_extra(name):
     hardware = Hardware(cuda=False, cuda_bf16=False, bitsandbytes=True, **{name: False})
     with pytest.raises(ParamsError) as err:
-        parse_params(params_text(**{name: {"enabled": True}}), hardware=hardware)
+        parse_params(params_text(**{name: {"enabled": True}}), hardware=hardware, training=True)
     assert f'params.yaml:3: tracking.{name}.enabled: true, but {name} is not installed; ' \
            f'install the extra with pip install -e ".[{name}]"' in str(err.value)
-    parse_params(params_text(**{name: {"enabled": False}}), hardware=hardware)  # off: nothing is needed
+    parse_params(params_text(**{name: {"enabled": False}}), hardware=hardware, training=True)  # off: no need
+    parse_params(params_text(**{name: {"enabled": True}}), hardware=hardware)  # the stages that do not train
 
 
 def test_wandb_online_without_a_key_is_refused_before_training():
     no_key = Hardware(cuda=False, cuda_bf16=False, bitsandbytes=True, wandb_key=False)
     with pytest.raises(ParamsError, match="needs a W&B API key .* use mode offline"):
-        parse_params(params_text(wandb={"enabled": True, "mode": "online"}), hardware=no_key)
+        parse_params(params_text(wandb={"enabled": True, "mode": "online"}), hardware=no_key, training=True)
     with pytest.raises(ParamsError, match="WANDB_MODE=online needs a W&B API key"):
-        parse_params(params_text(wandb={"enabled": True}), hardware=Hardware(
+        parse_params(params_text(wandb={"enabled": True}), training=True, hardware=Hardware(
             cuda=False, cuda_bf16=False, bitsandbytes=True, wandb_key=False, wandb_online_mode="online"))
-    parse_params(params_text(wandb={"enabled": True}), hardware=no_key)  # offline needs no key
+    parse_params(params_text(wandb={"enabled": True}), hardware=no_key, training=True)  # offline needs no key
 
 
 def test_local_stores_belong_to_the_repository_not_to_a_temporary_experiment_copy(tmp_path, monkeypatch):

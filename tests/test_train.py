@@ -57,7 +57,8 @@ def test_run_writes_adapter_tokenizer_config_and_metrics(workdir):
     for series in ("learning_rate", "grad_norm", "tokens_per_second", "elapsed_s", "epoch"):
         assert [step for step, _ in read_series(live, f"train/{series}")] == [2, 4, 6], series
     summary = metrics["summary"]
-    assert set(summary) == {"train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second"}
+    assert set(summary) == {"train_loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_second", "epoch",
+                            "elapsed_s"}
     assert summary["eval_loss"]["min"] == pytest.approx(metrics["best_eval_loss"], rel=1e-5)
     assert summary["eval_loss"]["last"] == pytest.approx(metrics["final_eval_loss"], rel=1e-5)
     assert summary["train_loss"]["last"] == pytest.approx(metrics["final_train_loss"], rel=1e-5)

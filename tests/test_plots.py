@@ -1,0 +1,53 @@
+"""The plots dvc.yaml declares for the evaluation: the base-vs-fine-tuned bars and, on label data, the confusion
+matrices, drawn by `dvc plots show` from the pipeline's own dvc.yaml and opened in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import browser
+from conftest import ROOT
+from stages.compare import bar_rows, compare
+from stages.evaluate import confusion_rows
+from stages.params import EvaluateParams
+
+pytestmark = pytest.mark.skipif(not browser.chromium() and os.environ.get("REQUIRE_BROWSER") != "1",
+                                reason="no Chromium (apt-get install chromium)")
+
+
+def test_label_data_gets_confusion_matrices_and_the_scores_get_bars(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "stages").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", "stages/compare_bars.json"):
+        shutil.copy(ROOT / name, repo / name)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    references = ["positive", "negative", "neutral"] * 10
+    predictions = {"base": ["positive"] * 30, "finetuned": references[:-3] + ["negative", "maybe", "positive"]}
+    for model, predicted in predictions.items():
+        rows = confusion_rows(predicted, references, EvaluateParams())
+        (repo / f"metrics/confusion_{model}.json").parent.mkdir(exist_ok=True)
+        (repo / f"metrics/confusion_{model}.json").write_text(json.dumps(rows))
+    table = compare({"exact_match": 33.3, "label_accuracy": 0.333}, {"exact_match": 90.0, "label_accuracy": 0.9})
+    (repo / "metrics/compare_scores.json").write_text(json.dumps(bar_rows(table)))
+
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=repo, env=env, capture_output=True,
+                           text=True, check=True)  # the training plots' files are missing here: DVC skips them
+    page = Path(shown.stdout.strip().splitlines()[-1].removeprefix("file://"))
+    plots, errors = browser.render(page, tmp_path / "plots.png")
+    assert errors == []
+    with_data = browser.plots_with_data(page)
+    assert {"metrics_confusion_base_json", "metrics_confusion_finetuned_json", "metrics_compare_scores_json"} \
+        <= set(with_data)
+    for plot_id in ("metrics_confusion_base_json", "metrics_confusion_finetuned_json",
+                    "metrics_compare_scores_json"):
+        drawn, coloured = plots[plot_id]
+        assert drawn > 3000 and coloured > 1000, (plot_id, plots[plot_id])  # cells and bars in colour
