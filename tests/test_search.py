@@ -127,9 +127,10 @@ def test_a_changed_search_config_is_not_mixed_into_an_old_study(stand_in):
     ({"space": {"x": {"low": 0, "high": 1}}}, "space.x.type: missing"),
     ({"parallel": "two"}, "parallel: 'two' must be a positive integer"),
 ])
-def test_bad_search_config_names_file_and_key(stand_in, change, message):
+def test_bad_search_config_names_file_and_key(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)  # reading a config needs no repository
     with pytest.raises(StageError, match=re.escape("search.yaml: " + message)):
-        search.load_config(config_file(stand_in, **change))
+        search.load_config(config_file(tmp_path, **change))
 
 
 def test_parallel_trials_are_queued_and_run_by_dvc_workers(stand_in):
