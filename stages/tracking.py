@@ -43,13 +43,9 @@ SERIES = {"train/loss": "train_loss", "eval/loss": "eval_loss", "train/learning_
           "train/elapsed_s": "elapsed_s"}  # series -> its key in metrics/train.json's summary
 
 
-def series_file(live_dir: Path, series: str) -> Path:
-    return live_dir / "plots" / "metrics" / f"{series}.tsv"
-
-
 def read_series(live_dir: Path, series: str) -> list[tuple[int, float]]:
     """(step, value) rows of one DVCLive metric file; empty if it was never logged."""
-    path = series_file(live_dir, series)
+    path = live_dir / "plots" / "metrics" / f"{series}.tsv"
     if not path.exists():
         return []
     with path.open(encoding="utf-8", newline="") as f:
@@ -73,8 +69,8 @@ def summarize(live_dir: Path) -> dict[str, dict[str, float]]:
     for series, key in SERIES.items():
         values = [v for _, v in read_series(live_dir, series) if math.isfinite(v)]  # an fp16 overflow logs inf
         if values:
-            out[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "last": values[-1]}
-            out[key] = {stat: float(f"{v:.6g}") for stat, v in out[key].items()}
+            stats = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "last": values[-1]}
+            out[key] = {stat: float(f"{v:.6g}") for stat, v in stats.items()}
     return out
 
 
@@ -171,9 +167,10 @@ class MlflowTracker:
         from mlflow.entities import Param
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
-        if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_absolute():
-            uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"  # not the temporary copy's
-        database = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        database = None
+        if uri.startswith("sqlite:///"):  # a relative path: the repository's, not the temporary copy's
+            database = root / uri.removeprefix("sqlite:///")
+            uri = f"sqlite:///{database}"
         # a local store keeps its artifacts beside the database (MLflow would put them under the current
         # directory, which for a temporary experiment is deleted); one process at a time creates its tables
         artifacts = (database.parent / "artifacts").as_uri() if database else None
@@ -277,10 +274,11 @@ class Tracking:
         self.runs, self.logged = state.get("runs", {}), state.get("logged", {})
         self.skip_through = dict(self.logged)  # per tracker: the last step its run already has
         self.run_name = state.get("run_name") or os.environ.get("DVC_EXP_NAME") or "train"
-        self.trackers: list = []
+        self.live: DvcLiveTracker | None = None
+        self.trackers: list = []  # the side channels: MLflow, W&B
         self.dropped: list = []
         try:
-            self.trackers.append(DvcLiveTracker(live_dir, resume_step))
+            self.live = DvcLiveTracker(live_dir, resume_step)
             root, tracking = repository_root(), params.tracking
             for name, tracker_class in (("mlflow", MlflowTracker), ("wandb", WandbTracker)):
                 settings = getattr(tracking, name)
@@ -304,31 +302,31 @@ class Tracking:
         self.state_file.write_text(json.dumps({"runs": self.runs, "run_name": self.run_name, "logged": self.logged}))
 
     def log(self, step: int, record: dict[str, float]) -> None:
+        self.live.log(step, record)
         for tracker in list(self.trackers):
-            if step <= self.skip_through.get(tracker.name, -1) and tracker.name != "dvclive":
+            if step <= self.skip_through.get(tracker.name, -1):
                 continue  # that run has this step from before the resume
             try:
                 tracker.log(step, record)
             except Exception as err:
-                if tracker.name == "dvclive":
-                    raise
                 warn(f"{tracker.name}: logging failed ({type(err).__name__}: {err}); training goes on without "
                      f"{tracker.name}")
                 self.trackers.remove(tracker)
                 self.dropped.append(tracker)
-        if any(t.name != "dvclive" for t in self.trackers):
-            self.logged.update({t.name: step for t in self.trackers if t.name != "dvclive"})
+        if self.trackers:
+            self.logged.update({t.name: step for t in self.trackers})
             self.save()
 
     def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
         """outcome: finished, failed or killed (Ctrl-C). A tracker that cannot finish is reported, not raised:
         the training's own outcome (its outputs, or the error that stopped it) is what the stage reports."""
-        for tracker, tracker_outcome in [(t, outcome) for t in self.trackers] + [(t, "failed") for t in self.dropped]:
+        ending = [(t, outcome) for t in [self.live, *self.trackers] if t] + [(t, "failed") for t in self.dropped]
+        for tracker, tracker_outcome in ending:
             try:
                 tracker.finish(metrics, model_dir, tracker_outcome)
             except Exception as err:
                 warn(f"{tracker.name}: could not finish its run ({type(err).__name__}: {err})")
-        self.trackers, self.dropped = [], []
+        self.live, self.trackers, self.dropped = None, [], []
 
 
 def warn(message: str) -> None:
