@@ -120,16 +120,45 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     kwargs = {}
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
-    return AutoModelForCausalLM.from_pretrained(
+    loaded = AutoModelForCausalLM.from_pretrained(
         model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
         attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
+    if quantization is not None:
+        unpacked_4bit_layers(loaded, all_layers=False)
+    return loaded
+
+
+def unpacked_4bit_layers(model, all_layers: bool = True) -> None:
+    """bitsandbytes >= 0.49 repacks a 4-bit layer's weights for AVX512-BF16 inference the first time it runs in eval
+    mode on such a CPU. It cannot repack a layer whose input width is not a multiple of its block size (it fails on
+    the reshape), and it keeps the repacked layout when training resumes, where the backward pass fails ("a view of
+    a leaf Variable ... in-place operation"). Keep the plain layout for those layers, or, for a model being trained
+    (`all_layers`), for every layer: validation runs in eval mode between training steps."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            state = getattr(module.weight, "quant_state", None)
+            if all_layers or state is None or module.in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
 
 
 def read_train_config(finetuned_dir: Path) -> dict:
     path = finetuned_dir / "train_config.json"
     if not path.exists():
         raise StageError(f"{finetuned_dir}: no fine-tuned model found; run the train stage first (dvc repro train)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise StageError(f"{path}: not valid JSON ({err}); rerun the train stage (dvc repro -f train)") from err
+
+
+def require_safetensors(folder: Path, *names: str) -> None:
+    """Refuse a model folder whose weights are not safetensors: a pickle (.bin, .pt) can run code when loaded."""
+    if not any((folder / name).exists() for name in names):
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f"it holds {', '.join(pickles)} (pickle, which can run code when loaded)" if pickles else \
+            "it holds no weights"
+        raise StageError(f"{folder}: no {' or '.join(names)}: {found}; only safetensors weights are loaded. "
+                         "Convert them with safetensors, or rerun the train stage")
 
 
 def load_finetuned(finetuned_dir: Path, quantized: bool = True):
@@ -139,8 +168,11 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True):
 
     config = read_train_config(finetuned_dir)
     if config["train"]["method"] == "full":
+        require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
         return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa")
     from peft import PeftModel
+
+    require_safetensors(finetuned_dir, "adapter_model.safetensors")
 
     quant = QuantizationParams(**config["quantization"]) \
         if config["train"]["method"] == "qlora" and quantized else None
@@ -162,10 +194,15 @@ def quiet_library_bars() -> None:
 
 
 def run_main(stage: Callable[[], None]) -> None:
-    """Run a stage's main(): bad params or input exit 2 with the message, not a traceback."""
+    """Run a stage's main(): bad params or input exit 2 with the message, not a traceback; a file that cannot be
+    read or written (a full disk, a read-only folder) exits 1 naming the file and the reason."""
     quiet_library_bars()
     try:
         stage()
     except (ParamsError, StageError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(1)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from stages import metrics as M
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_finetuned, load_tokenizer, progress,
-                           read_jsonl, run_main, write_json, write_jsonl)
+                           read_jsonl, require_safetensors, run_main, write_json, write_jsonl)
 from stages.params import EvaluateParams, ModelParams, Params, load_params
 
 TEST_FILE = Path("data/prepared/test.jsonl")
@@ -157,6 +157,7 @@ def load_model(params: Params, which: str):
         merged_dir = Path(params.export.merged_dir)
         if not (merged_dir / "config.json").exists():
             raise StageError(f"{merged_dir}: no merged model; run the merge stage first (dvc repro merge)")
+        require_safetensors(merged_dir, "model.safetensors", "model.safetensors.index.json")
         model = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True, attn_implementation="sdpa")
     if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
         model = model.to("cuda")

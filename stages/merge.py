@@ -25,6 +25,7 @@ import torch
 
 from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
 from stages.evaluate import generate
+from stages.outputs import claim, ownership_problem, staging_dir, swap_in, written_files
 from stages.params import EvaluateParams, Params, load_params
 
 TEST_FILE = Path("data/prepared/test.jsonl")
@@ -37,12 +38,17 @@ def export(finetuned_dir: Path, merged_dir: Path) -> None:
     model = load_finetuned(finetuned_dir, quantized=False)
     if read_train_config(finetuned_dir)["train"]["method"] != "full":
         model = model.merge_and_unload()
-    tmp_dir = merged_dir.with_name(merged_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    model.save_pretrained(tmp_dir)  # safetensors
-    AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(tmp_dir)
-    shutil.rmtree(merged_dir, ignore_errors=True)
-    tmp_dir.rename(merged_dir)
+    problem = ownership_problem(merged_dir, "model", "export.merged_dir")
+    if problem:
+        raise StageError(problem)
+    staged = staging_dir(merged_dir)
+    try:
+        model.save_pretrained(staged)  # safetensors
+        AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(staged)
+        claim(staged, "export.merged_dir", written_files(staged))
+        swap_in(staged, merged_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -82,7 +88,7 @@ def run(params: Params, test_file: Path = TEST_FILE) -> dict:
 
 
 def main() -> None:
-    metrics = run(load_params())
+    metrics = run(load_params(writes=("export.merged_dir",)))
     write_json(METRICS_FILE, metrics)
     print(json.dumps(metrics, indent=2))
 

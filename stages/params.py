@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
+import string
+import subprocess
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 PARAMS_FILE = Path("params.yaml")
+INT_LIMIT = 2**31 - 1  # every count, size and seed fits a 32-bit signed integer
 
 
 class ParamsError(ValueError):
@@ -70,8 +74,16 @@ class PrepareParams:
 
     def problems(self) -> list[str]:
         out = []
-        if "{prompt}" not in self.template:
-            out.append(f"prepare.template: {self.template!r} has no {{prompt}} placeholder")
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        except ValueError as err:  # a lone { or }
+            fields = None
+            out.append(f"prepare.template: {self.template!r}: {err}; write {{{{ and }}}} for literal braces")
+        if fields is not None and fields != {"prompt"}:
+            unknown = sorted(fields - {"prompt"})
+            out.append(f"prepare.template: {self.template!r} " + (
+                f"has unknown placeholders {', '.join('{' + f + '}' for f in unknown)}; the only one is {{prompt}} "
+                "(write {{ and }} for literal braces)" if unknown else "has no {prompt} placeholder"))
         if self.max_length < 2:
             out.append(f"prepare.max_length: {self.max_length} must be at least 2")
         return out
@@ -122,7 +134,9 @@ class TrainParams:
                 out.append(f"train.{name}: {getattr(self, name)} must be at least 1")
         if self.learning_rate <= 0:
             out.append(f"train.learning_rate: {self.learning_rate} must be positive")
-        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+        if self.max_steps < -1:
+            out.append(f"train.max_steps: {self.max_steps} must be positive, or -1 to train num_train_epochs")
+        elif self.num_train_epochs <= 0 and self.max_steps <= 0:
             out.append(f"train.num_train_epochs: {self.num_train_epochs} must be positive (or set train.max_steps)")
         for name in ("weight_decay", "warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
@@ -328,6 +342,77 @@ def tracking_problems(params: Params, hw: Hardware) -> list[str]:
     return out
 
 
+# Paths. The stages write only inside the repository, never over its sources, inputs or each other's outputs, and
+# read data only from the folder dvc.yaml declares as the prepare stage's input.
+RAW_DATA_DIR = Path("data/raw")
+DATA_PATHS = ("path", "validation_path", "test_path")  # in params.data
+OUTPUT_FOLDERS = {"train.output_dir": "checkpoints", "train.finetuned_dir": "model", "export.merged_dir": "model"}
+PIPELINE_PATHS = {  # what no output folder may be, hold, or lie inside
+    ".git": "git's repository", ".dvc": "DVC's folder", "stages": "the pipeline's code", "dvc.yaml": "dvc.yaml",
+    "dvc.lock": "dvc.lock", "params.yaml": "params.yaml", "data/raw": "the raw data",
+    "data/prepared": "the prepare stage's output", "metrics": "the metrics", "outputs": "the predictions",
+}
+
+
+def _overlap(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def tracked_files(root: Path) -> list[str]:
+    """Files git tracks under `root` (none outside a git repository)."""
+    found = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False)
+    return found.stdout.decode("utf-8", "replace").split("\0")[:-1] if found.returncode == 0 else []
+
+
+def path_problems(params: Params, root: Path, writes: tuple[str, ...] = ()) -> list[str]:
+    """Paths in params that would read stale data or write where the pipeline must not, seen from `root` (the
+    repository, where the stages run): data outside data/raw, outputs outside the repository or over its sources,
+    outputs overlapping each other, and, for the output folders the running stage `writes` (param names), files in
+    them that the pipeline did not write."""
+    from stages.outputs import ownership_problem
+
+    root = root.resolve()
+    out = []
+    raw = (root / RAW_DATA_DIR).resolve()
+    for key in DATA_PATHS:
+        value = getattr(params.data, key)
+        if value is not None and not (root / value).resolve().is_relative_to(raw):
+            out.append(f"data.{key}: {value} is outside {RAW_DATA_DIR}/, the prepare stage's declared input, so DVC "
+                       f"would not rerun prepare when it changes; move it under {RAW_DATA_DIR}/ "
+                       f"(or `dvc add` or `dvc import` it there)")
+    protected = {(root / path).resolve(): what for path, what in PIPELINE_PATHS.items()}
+    if (root / params.model.model_name).exists():
+        protected[(root / params.model.model_name).resolve()] = "the base model (model.model_name)"
+    tracked = tracked_files(root)
+    folders: dict[str, Path] = {}
+    for name, kind in OUTPUT_FOLDERS.items():
+        section, key = name.split(".")
+        value = getattr(getattr(params, section), key)
+        path = (root / value).resolve()
+        if Path(value).is_absolute() or not path.is_relative_to(root):
+            out.append(f"{name}: {value} is outside the repository; give a path relative to it, like models/x")
+            continue
+        if path == root:
+            out.append(f"{name}: {value} is the repository itself; give a folder of its own, like models/x")
+            continue
+        clash = next((what for where, what in protected.items() if _overlap(path, where)), None)
+        relative = path.relative_to(root).as_posix()
+        clash = clash or next((f"{f}, which git tracks" for f in tracked if f == relative
+                               or f.startswith(relative + "/")), None)
+        if clash:
+            out.append(f"{name}: {value} would overwrite {clash}; give a folder of its own, like models/x")
+            continue
+        other = next((n for n, p in folders.items() if _overlap(path, p)), None)
+        if other:
+            out.append(f"{name}: {value} overlaps {other}; each output needs a folder of its own")
+            continue
+        folders[name] = path
+        problem = ownership_problem(Path(value), kind, name) if name in writes else None
+        if problem:
+            out.append(problem)
+    return out
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
@@ -403,6 +488,12 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             values[key] = _build(hints[key], value, f"{prefix}{key}.", problems)
         elif not _matches(value, hints[key]):
             problems.append(f"{prefix}{key}: {value!r} is not {_type_name(hints[key])}")
+        elif isinstance(value, float) and not math.isfinite(value):  # YAML's .nan and .inf, or 1e400
+            problems.append(f"{prefix}{key}: {value} is not a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value <= INT_LIMIT:
+            problems.append(f"{prefix}{key}: {value} is out of range (at most {INT_LIMIT} in size)")
+        elif key == "seed" and value < 0:  # every section's seed: numpy and torch take only non-negative seeds
+            problems.append(f"{prefix}{key}: {value} must not be negative")
         else:
             values[key] = float(value) if hints[key] is float else value
     instance = cls(**values)
@@ -412,9 +503,10 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware | None = None,
-                 training: bool = False) -> Params:
+                 training: bool = False, root: Path | None = None, writes: tuple[str, ...] = ()) -> Params:
     """Parse and validate params YAML text; raise ParamsError with every problem, each with its line.
-    With `hardware`, also refuse what that machine cannot do (with `training`, the trackers too)."""
+    With `hardware`, also refuse what that machine cannot do (with `training`, the trackers too); with `root`, the
+    paths that would read or write where they must not (`path_problems`)."""
     try:
         node = yaml.compose(text)
         raw = load_yaml(text)
@@ -422,6 +514,8 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
         raise ParamsError([f"{source}: not valid YAML: {err}"]) from err
     problems: list[str] = []
     params = _build(Params, raw, "", problems)
+    if not problems and root is not None:
+        problems.extend(path_problems(params, root, writes))
     if not problems and hardware is not None:
         problems.extend(hardware_problems(params, hardware))
         if training:
@@ -438,15 +532,32 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
     return params
 
 
-def load_params(path: Path | str = PARAMS_FILE, training: bool = False) -> Params:
-    """params.yaml, checked against the schema and against this machine: what every stage calls first (the train
-    stage with `training`, which also checks that the enabled trackers can run)."""
+def load_params(path: Path | str = PARAMS_FILE, training: bool = False, writes: tuple[str, ...] = ()) -> Params:
+    """params.yaml, checked against the schema, the repository's paths and this machine: what every stage calls
+    first (the train stage with `training`, which also checks that the enabled trackers can run; a stage that
+    replaces the output folders named by the params `writes` has them checked for files it did not write)."""
     path = Path(path)
     if not path.exists():
         raise ParamsError([f"{path}: not found (run from the repository root)"])
     return parse_params(path.read_text(encoding="utf-8"), source=str(path), hardware=Hardware.detect(),
-                        training=training)
+                        training=training, root=Path.cwd(), writes=writes)
 
 
 def as_dict(section: Any) -> dict[str, Any]:
     return dataclasses.asdict(section)
+
+
+def main() -> None:
+    """`python -m stages.params`: the `params` stage of dvc.yaml, which depends on the whole of params.yaml, so that
+    a change no other stage reads (a misspelt section added with `dvc exp run -S +trian.seed=1`) is refused too.
+    Checks the schema and the paths; the hardware is checked by the stages that use it."""
+    if not PARAMS_FILE.exists():
+        raise ParamsError([f"{PARAMS_FILE}: not found (run from the repository root)"])
+    parse_params(PARAMS_FILE.read_text(encoding="utf-8"), root=Path.cwd())
+    print(f"{PARAMS_FILE}: valid")
+
+
+if __name__ == "__main__":
+    from stages.common import run_main
+
+    run_main(main)

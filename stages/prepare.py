@@ -12,8 +12,11 @@ Reads params `data`, `prepare` and `model` (for the tokenizer). Writes data/prep
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import IGNORE_INDEX, StageError, load_tokenizer, progress, run_main, write_json, write_jsonl
+from stages.outputs import ownership_problem, staging_dir, swap_in
 from stages.params import DataParams, Params, PrepareParams, load_params
 
 PREPARED_DIR = Path("data/prepared")
@@ -35,13 +39,9 @@ class Example:
     source: str  # "file:line" (or "file:row N") it came from, for error messages and traceability
 
 
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    with path.open("rb") as f:
-        return f.read(4096).lstrip().startswith(prefix)
-
-
-BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "missing_field", "empty_field", "wrong_type",
-             "prompt_too_long")
+BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "duplicate_key", "missing_field", "empty_field",
+             "wrong_type", "prompt_too_long")
+CSV_FIELD_LIMIT = 16 * 2**20  # characters; a bigger CSV field is almost always an unclosed quote
 
 
 class BadRecords:
@@ -63,54 +63,138 @@ class BadRecords:
         return {"bad_records": sum(self.counts.values()), **{f"bad_{k}": v for k, v in self.counts.items()}}
 
 
-def _starts_with(path: Path, prefix: bytes) -> bool:
+class DuplicateKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, refusing a key given twice (json would silently keep the last)."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
+STRICT_JSON = json.JSONDecoder(object_pairs_hook=_object)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (kept as surrogate escapes), or a lone \ud800
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_record(text: str, source: str, bad: BadRecords, start: int = 0) -> tuple[dict | None, int]:
+    """One JSON value from `text` at `start`: (the object, or None if it is a bad record, reported; its end).
+    Invalid JSON raises json.JSONDecodeError for the caller to place."""
+    try:
+        value, end = STRICT_JSON.raw_decode(text, start)
+    except DuplicateKey as err:
+        bad(source, "duplicate_key", f"the key {str(err)!r} appears twice in one object")
+        return None, json.JSONDecoder().raw_decode(text, start)[1]
+    if not isinstance(value, dict):
+        bad(source, "not_an_object", f"expected a JSON object, got {type(value).__name__}")
+        return None, end
+    return value, end
+
+
+def read_json_lines(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
+    rows = []
     with path.open("rb") as f:
-        return f.read(4096).lstrip().startswith(prefix)
+        for lineno, raw in enumerate(f, 1):
+            source = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad(source, "invalid_utf8", f"invalid UTF-8 at byte {err.start} of the line")
+                continue
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark, as Windows tools write
+            if not line.strip():
+                continue
+            try:
+                record, end = _json_record(line, source, bad, _SPACE.match(line).end())
+            except json.JSONDecodeError as err:
+                bad(source, "invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+                continue
+            if record is not None and line[end:].strip():
+                bad(source, "invalid_json", f"invalid JSON (extra data at column {end + 1})")
+            elif record is not None:
+                rows.append((source, record))
+    return rows
+
+
+def read_json_array(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
+    """A JSON array read element by element, so each record keeps its own types (none is retyped to fit the
+    others) and each problem names its record and line. Invalid JSON stops the read: after it, where records
+    begin cannot be known."""
+    rows: list[tuple[str, dict]] = []
+    line, counted = 1, 0
+
+    def line_at(position: int) -> int:
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, position), position
+        return line
+
+    pos = _SPACE.match(text, text.index("[") + 1).end()
+    index = 0
+    while pos < len(text) and text[pos] != "]":
+        index += 1
+        source = f"{path}:{line_at(pos)} (record {index})"
+        try:
+            record, end = _json_record(text, source, bad, pos)
+        except json.JSONDecodeError as err:
+            raise StageError(f"{path}:{err.lineno}: invalid JSON in record {index} ({err.msg} at column "
+                             f"{err.colno}); the records after it cannot be read, so fix it") from None
+        if record is not None:
+            rows.append((source, record))
+        pos = _SPACE.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _SPACE.match(text, pos + 1).end()
+        elif not text.startswith("]", pos):
+            raise StageError(f"{path}:{line_at(pos)}: expected ',' or ']' after record {index}")
+    if pos >= len(text) or text[pos + 1:].strip():
+        raise StageError(f"{path}:{line_at(min(pos, len(text)))}: the JSON array is not closed by a final ']'")
+    return rows
+
+
+def read_csv(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
+    """CSV or TSV rows by their first line. Invalid UTF-8 is kept as escapes here and reported for the fields
+    that are used (load_examples), so one bad byte costs one record, not the file."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    rows, first_line = [], 2
+    try:
+        for row in reader:
+            rows.append((f"{path}:{first_line}", row))
+            first_line = reader.line_num + 1
+    except csv.Error as err:
+        raise StageError(f"{path}:{first_line}: {err} (limit {CSV_FIELD_LIMIT:,} characters; "
+                         "an unclosed quote makes one field of the rest of the file)") from None
+    return rows
 
 
 def read_rows(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
-    """(location, record) pairs. JSONL and CSV are read line by line so problems name the line; JSON arrays,
-    Parquet and Arrow through `datasets`, naming the record number."""
+    """(location, record) pairs. JSONL, JSON and CSV are read by this module, so problems name the line (and the
+    record of a JSON array); Parquet and Arrow, whose columns are typed, through `datasets`."""
     if not path.exists():
         raise StageError(f"data.path: {path} does not exist")
+    if path.is_dir():
+        raise StageError(f"data.path: {path} is a folder; give a data file (.jsonl, .json, .csv, .tsv, .parquet "
+                         "or .arrow)")
     if path.stat().st_size == 0:
         raise StageError(f"{path}: no examples (empty file)")
-    if path.suffix == ".jsonl" or (path.suffix == ".json" and not _starts_with(path, b"[")):
-        rows = []
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                source = f"{path}:{lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    bad(source, "invalid_utf8", f"invalid UTF-8 at byte {err.start} of the line")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    bad(source, "invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
-                    continue
-                if not isinstance(record, dict):
-                    bad(source, "not_an_object", f"expected a JSON object, got {type(record).__name__}")
-                    continue
-                rows.append((source, record))
-        return rows
-    if path.suffix in (".csv", ".tsv"):
-        try:
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-                return [(f"{path}:{reader.line_num}", row) for row in reader]
-        except UnicodeDecodeError as err:
-            raise StageError(f"{path}: invalid UTF-8 at byte {err.start} of the file") from err
-    if path.suffix not in (".json", ".parquet", ".arrow"):
+    if path.suffix not in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow"):
         raise StageError(f"data.path: {path}: unsupported file type {path.suffix!r} "
                          "(use .jsonl, .json, .csv, .tsv, .parquet or .arrow)")
-    import datasets
+    if path.suffix in (".parquet", ".arrow"):
+        import datasets
 
-    table = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
-    return [(f"{path}:record {i + 1}", dict(r)) for i, r in enumerate(table)]
+        table = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        return [(f"{path}:record {i + 1}", dict(r)) for i, r in enumerate(table)]
+    if path.suffix == ".json" or path.suffix in (".csv", ".tsv"):
+        text = path.read_bytes().decode("utf-8-sig", "surrogateescape")  # utf-8-sig: a BOM, as Excel writes
+        if path.suffix != ".json":
+            return read_csv(path, text, bad)
+        if text.lstrip().startswith("["):
+            return read_json_array(path, text, bad)
+    return read_json_lines(path, bad)
 
 
 def field_names(data: DataParams, keys: set[str], path: Path) -> tuple[str, str | None, str]:
@@ -142,11 +226,15 @@ def load_examples(data: DataParams, path: Path, bad: BadRecords | None = None) -
                 problem = ("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
             elif not value.strip():
                 problem = ("empty_field", f"field {key!r} is empty")
+            elif _SURROGATE.search(value):
+                problem = ("invalid_utf8", f"field {key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
             if problem:
                 break
         context = record.get(input_key) if input_key else None
         if not problem and context is not None and not isinstance(context, str):
             problem = ("wrong_type", f"field {input_key!r} is {type(context).__name__}, expected a string")
+        elif not problem and context and _SURROGATE.search(context):
+            problem = ("invalid_utf8", f"field {input_key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
         if problem:
             bad(source, *problem)
             continue
@@ -202,7 +290,12 @@ def percentiles(lengths: list[int], prefix: str) -> dict[str, float]:
 
 
 def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
+    """Read, split and tokenize; the splits are written to a temporary folder that replaces `out_dir` in one
+    rename, so the three files always come from one run."""
     data, prepare = params.data, params.prepare
+    problem = ownership_problem(out_dir, "prepared", "the prepare stage's output")
+    if problem:
+        raise StageError(problem)
     tokenizer = load_tokenizer(params.model)
     bad = BadRecords(data.on_bad_record)
     examples = load_examples(data, Path(data.path), bad)
@@ -238,8 +331,13 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
         prepared[name] = records
         stats[f"{name}_examples"] = len(records)
 
-    for name, records in prepared.items():
-        write_jsonl(out_dir / f"{name}.jsonl", records)
+    staged = staging_dir(out_dir)
+    try:
+        for name, records in prepared.items():
+            write_jsonl(staged / f"{name}.jsonl", records)
+        swap_in(staged, out_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     stats.update(counts)
     stats.update(bad.stats())
     stats.update(percentiles(lengths, "tokens"))

@@ -6,9 +6,11 @@ into one record of named series, at the optimizer step, and hands it to every tr
     train/loss  train/learning_rate  train/grad_norm  train/epoch  train/tokens_per_second  train/elapsed_s
     eval/loss
 
-DVCLive writes each series to metrics/live/plots/metrics/<series>.tsv, the files dvc.yaml's plots draw. A resumed
-run keeps the history up to its checkpoint's step and drops the rows after it (that part of the killed run is
-replayed). `summarize` reads the same files back into mean/min/max/last per series for metrics/train.json.
+DVCLive writes each series to <train.output_dir>/live/plots/metrics/<series>.tsv while the run is in progress; the
+train stage publishes that folder to metrics/live (the files dvc.yaml's plots draw) once the run has finished, so a
+failed run never replaces the history of the last finished one. A resumed run keeps the history up to its
+checkpoint's step and drops the rows after it (that part of the killed run is replayed). `summarize` reads the same
+files back into mean/min/max/last per series for metrics/train.json.
 
 MLflow and W&B are optional extras (`pip install -e ".[mlflow]"`, `".[wandb]"`). Their local stores belong to the
 repository (./mlruns, ./wandb), also for `dvc exp run --temp` and queued experiments, which run in a copy under
@@ -34,10 +36,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from transformers import TrainerCallback
 
+from stages.common import write_json, write_text
 from stages.params import MlflowParams, Params, WandbParams, as_dict
 
 LIVE_DIR = Path("metrics/live")
-RUN_IDS = "tracking.json"  # in train.output_dir: the tracker runs a resumed training continues
+RUN_STATE = "tracking.json"  # in train.output_dir: the tracker runs a resumed training continues
 SERIES = {"train/loss": "train_loss", "eval/loss": "eval_loss", "train/learning_rate": "learning_rate",
           "train/grad_norm": "grad_norm", "train/tokens_per_second": "tokens_per_second", "train/epoch": "epoch",
           "train/elapsed_s": "elapsed_s"}  # series -> its key in metrics/train.json's summary
@@ -54,13 +57,45 @@ def read_series(live_dir: Path, series: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[name])) for r in rows]
 
 
+def _row(line: str, width: int) -> tuple[int, ...] | None:
+    """A complete TSV row's step (and values), or None for a row a kill cut short."""
+    fields = line.rstrip("\n").split("\t")
+    if not line.endswith("\n") or len(fields) != width:
+        return None
+    try:
+        return (int(fields[0]), *(float(v) for v in fields[1:]))
+    except ValueError:
+        return None
+
+
 def truncate_history(live_dir: Path, last_step: int) -> None:
-    """Drop every DVCLive row logged after `last_step`: the steps a resumed run will log again."""
+    """Keep each DVCLive series up to `last_step` (the checkpoint a resumed run starts from), dropping the steps it
+    will log again and whatever a kill cut short (a half-written row, an empty file, a torn metrics.json, which
+    DVCLive rebuilds from the series)."""
     for path in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        header, step_col = lines[:1], lines[0].rstrip("\n").split("\t").index("step") if lines else 0
-        kept = [line for line in lines[1:] if int(line.split("\t")[step_col]) <= last_step]
-        path.write_text("".join(header + kept), encoding="utf-8")
+        header = lines[0].rstrip("\n").split("\t") if lines and lines[0].endswith("\n") else []
+        if header[:1] != ["step"]:
+            path.unlink()  # nothing complete in it; DVCLive writes a new header
+            continue
+        kept = [line for line in lines[1:] if (row := _row(line, len(header))) and row[0] <= last_step]
+        write_text(path, "".join(lines[:1] + kept))
+    (live_dir / "metrics.json").unlink(missing_ok=True)
+
+
+def latest_values(live_dir: Path) -> dict:
+    """DVCLive's summary (the last value of each series, nested by '/') rebuilt from the series files."""
+    summary: dict = {}
+    for path in sorted((live_dir / "plots" / "metrics").rglob("*.tsv")):
+        series = path.relative_to(live_dir / "plots" / "metrics").with_suffix("").as_posix()
+        rows = read_series(live_dir, series)
+        if rows:
+            *parents, leaf = series.split("/")
+            node = summary
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = rows[-1][1]
+    return summary
 
 
 def summarize(live_dir: Path) -> dict[str, dict[str, float]]:
@@ -125,8 +160,10 @@ def run_context() -> dict[str, str]:
 
 
 class DvcLiveTracker:
-    """DVCLive in the train stage: writes the series files only. The stage's outputs and plots are declared in
-    dvc.yaml, so DVCLive neither edits dvc.yaml nor saves experiments of its own (dvc exp run does that)."""
+    """DVCLive in the train stage, as a writer of the series files and nothing else: the stage's outputs and plots
+    are declared in dvc.yaml and the history is published to metrics/live by the stage, so DVCLive neither looks
+    for a DVC repository (it would run `dvc init` outside one, and git-add files inside one) nor edits dvc.yaml nor
+    saves experiments of its own (dvc exp run does that)."""
 
     name = "dvclive"
 
@@ -135,19 +172,14 @@ class DvcLiveTracker:
 
         class StageLive(Live):
             def _init_dvc(self):
-                from dvc.exceptions import NotDvcRepoError
-                from dvc.repo import Repo
-
-                try:
-                    Repo.find_root()
-                except NotDvcRepoError:
-                    return  # outside a DVC repository DVCLive would run `dvc init`; a stage must not
-                super()._init_dvc()
+                pass
 
         if resume_step is not None:
             truncate_history(live_dir, resume_step)
         self.live = StageLive(dir=str(live_dir), resume=resume_step is not None, dvcyaml=False, save_dvc_exp=False,
                               report=None)
+        if resume_step is not None:
+            self.live.summary = latest_values(live_dir)
 
     def log(self, step: int, record: dict[str, float]) -> None:
         self.live.step = step
@@ -188,6 +220,15 @@ class MlflowTracker:
                                                   for k, v in flat_params(params).items()])
         self.run_id, self.settings = run_id, settings
         print(f"mlflow: run {run_id} ({run_name}) in experiment {settings.experiment_name!r} at {redact(uri)}")
+
+    def held(self) -> dict[str, int]:
+        """The last step of each series this run already holds, read from MLflow itself."""
+        out = {}
+        for series in SERIES:
+            steps = [m.step for m in self.client.get_metric_history(self.run_id, series)]
+            if steps:
+                out[series] = max(steps)
+        return out
 
     def log(self, step: int, record: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -263,16 +304,18 @@ class Tracking:
     training. MLflow and W&B are side channels: an error in one is reported, that tracker is left out for the rest of
     the run (its run marked failed), and training goes on.
 
-    A resumed training continues the tracker runs it started, under the same names; the steps the killed run had
-    logged already and the resumed one replays are not sent twice. A tracker enabled only when the training resumes
-    is first given the history DVCLive kept."""
+    A resumed training continues the tracker runs it started, under the same names, and sends each tracker only the
+    series steps it does not hold yet: per series, since the training and validation losses of one step are two
+    logs, and a kill can fall between them. MLflow is asked what it holds; for W&B the state file in output_dir says
+    (written after each log, so a kill between W&B's write and the state's can repeat one step, which W&B drops
+    as a step that does not advance). A tracker enabled only when the training resumes is first given the history
+    DVCLive kept."""
 
-    def __init__(self, params: Params, output_dir: Path, resume_step: int | None, live_dir: Path = LIVE_DIR):
-        self.state_file = output_dir / RUN_IDS
-        state = json.loads(self.state_file.read_text()) if resume_step is not None and self.state_file.exists() \
-            else {}
-        self.runs, self.logged = state.get("runs", {}), state.get("logged", {})
-        self.skip_through = dict(self.logged)  # per tracker: the last step its run already has
+    def __init__(self, params: Params, output_dir: Path, resume_step: int | None, live_dir: Path):
+        self.state_file = output_dir / RUN_STATE
+        state = read_state(self.state_file) if resume_step is not None else {}
+        self.runs = state.get("runs", {})
+        self.held: dict[str, dict[str, int]] = state.get("held", {})  # tracker -> series -> its last step there
         self.run_name = state.get("run_name") or os.environ.get("DVC_EXP_NAME") or "train"
         self.live: DvcLiveTracker | None = None
         self.trackers: list = []  # the side channels: MLflow, W&B
@@ -287,10 +330,12 @@ class Tracking:
                 tracker = tracker_class(settings, params, self.runs.get(name), settings.run_name or self.run_name,
                                         root)
                 self.trackers.append(tracker)
-                if name not in self.runs and resume_step is not None:  # a new run for a resumed training
+                if name in self.runs and hasattr(tracker, "held"):
+                    self.held[name] = tracker.held()
+                elif name not in self.runs and resume_step is not None:  # a new run for a resumed training
                     for step, record in history(live_dir).items():
                         tracker.log(step, record)
-                    self.logged[name] = self.skip_through[name] = resume_step
+                    self.held[name] = dict.fromkeys(SERIES, resume_step)
                 self.runs[name] = tracker.run_id
         except BaseException:
             self.finish({}, Path(), "failed")  # the trackers already started
@@ -298,23 +343,25 @@ class Tracking:
         self.save()
 
     def save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        self.state_file.write_text(json.dumps({"runs": self.runs, "run_name": self.run_name, "logged": self.logged}))
+        write_json(self.state_file, {"runs": self.runs, "run_name": self.run_name, "held": self.held})
 
     def log(self, step: int, record: dict[str, float]) -> None:
         self.live.log(step, record)
         for tracker in list(self.trackers):
-            if step <= self.skip_through.get(tracker.name, -1):
+            held = self.held.setdefault(tracker.name, {})
+            new = {series: value for series, value in record.items() if step > held.get(series, -1)}
+            if not new:
                 continue  # that run has this step from before the resume
             try:
-                tracker.log(step, record)
+                tracker.log(step, new)
             except Exception as err:
                 warn(f"{tracker.name}: logging failed ({type(err).__name__}: {err}); training goes on without "
                      f"{tracker.name}")
                 self.trackers.remove(tracker)
                 self.dropped.append(tracker)
+                continue
+            held.update(dict.fromkeys(new, step))
         if self.trackers:
-            self.logged.update({t.name: step for t in self.trackers})
             self.save()
 
     def finish(self, metrics: dict, model_dir: Path, outcome: str) -> None:
@@ -327,6 +374,17 @@ class Tracking:
             except Exception as err:
                 warn(f"{tracker.name}: could not finish its run ({type(err).__name__}: {err})")
         self.live, self.trackers, self.dropped = None, [], []
+
+
+def read_state(path: Path) -> dict:
+    """The tracker runs of the training being resumed (written atomically, so only a hand-edited file is torn)."""
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        warn(f"{path}: unreadable ({err}); the trackers start new runs")
+        return {}
 
 
 def warn(message: str) -> None:

@@ -34,9 +34,10 @@ from transformers.trainer_callback import PrinterCallback
 
 from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
-                           write_json)
+                           unpacked_4bit_layers, write_json)
+from stages.outputs import claim, ownership_problem, staging_dir, swap_in, written_files
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
-from stages.tracking import LIVE_DIR, StepLog, Tracking, read_series, summarize
+from stages.tracking import LIVE_DIR, RUN_STATE, StepLog, Tracking, read_series, summarize
 
 PREPARED_DIR = Path("data/prepared")
 TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by stages.search for a trial that reports to a pruner
@@ -189,7 +190,7 @@ class TrialPruning(TrainerCallback):
 
 
 def diverged(step: int, what: str, output_dir: str) -> Diverged:
-    last = latest_checkpoint(Path(output_dir), fingerprint=None)
+    last = latest_checkpoint(Path(output_dir))
     return Diverged(f"training diverged at step {step}: {what}. Last good checkpoint: {last or 'none'}. "
                     "Nothing final was written; lower train.learning_rate or check the data.")
 
@@ -218,16 +219,16 @@ def guarded_trainer_class():
 
 
 # Resume. A checkpoint counts only once the Trainer has finished writing it and we have added a marker holding the
-# fingerprint of everything that determines training (params, data, code, library versions). Resume takes the
-# latest checkpoint whose marker matches this run; others are half-written or from another run, and are removed.
+# fingerprint of everything that determines training (params, data, code, library versions) and the size and digest
+# of each file. Resume takes the latest checkpoint whose marker matches this run and whose files match the marker;
+# half-written ones and ones from another run are removed, corrupt ones are set aside as corrupt-checkpoint-N.
 MARKER = "fingerprint.json"
 FINISHED = "FINISHED"  # written once a run completes: its checkpoints are results, not a run to resume
+LIVE_STAGING = "live"  # in train.output_dir: the step history of the run in progress, published to metrics/live at
+#                        the end, so metrics/live always holds the history of the last finished run
 
 
 def fingerprint(params: Params, prepared_dir: Path) -> str:
-    def digest(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-
     train = {k: v for k, v in as_dict(params.train).items() if k not in ("output_dir", "finetuned_dir")}
     code_dir = Path(__file__).parent
     identity = {
@@ -241,40 +242,82 @@ def fingerprint(params: Params, prepared_dir: Path) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
+def digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def latest_checkpoint(output_dir: Path, fingerprint: str | None) -> Path | None:
-    """The newest complete checkpoint (of this run's fingerprint, when given)."""
-    for path in reversed(checkpoints(output_dir)):
-        marker = path / MARKER
-        if marker.exists() and (fingerprint is None or json.loads(marker.read_text())["fingerprint"] == fingerprint):
-            return path
+def read_marker(checkpoint: Path) -> dict | None:
+    try:
+        return json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_problem(checkpoint: Path, fingerprint: str) -> str | None:
+    """Why `checkpoint` cannot be resumed by the run of `fingerprint`, or None."""
+    marker = read_marker(checkpoint)
+    if marker is None:
+        return "half-written"
+    if marker.get("fingerprint") != fingerprint:
+        return "from a run with other params, data or code"
+    for name, expected in marker.get("files", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"corrupt: {name} is missing"
+        if path.stat().st_size != expected["size"] or digest(path) != expected["sha256"]:
+            return f"corrupt: {name} is not the file that was saved ({path.stat().st_size:,} bytes, " \
+                   f"{expected['size']:,} when saved)"
     return None
 
 
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint marked complete (of any run): what a divergence message points to."""
+    return next((p for p in reversed(checkpoints(output_dir)) if read_marker(p) is not None), None)
+
+
+def clear_run(output_dir: Path) -> None:
+    """Remove what a run left in output_dir (the folder holds nothing else: params.path_problems checked)."""
+    for entry in output_dir.iterdir():
+        if entry.name in (FINISHED, RUN_STATE, LIVE_STAGING) or entry.name.startswith(("checkpoint-", "corrupt-")):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
 def prepare_output_dir(output_dir: Path, fingerprint: str) -> Path | None:
-    """The checkpoint to resume from, if any; everything in output_dir that cannot be resumed is removed."""
+    """The checkpoint to resume from, if any. Checkpoints that cannot be resumed are removed (or, when corrupt, set
+    aside); a finished run's checkpoints and history are cleared."""
+    claim(output_dir, "train.output_dir")
     if (output_dir / FINISHED).exists():
         print(f"the run that left {output_dir} finished: starting fresh")
-    if (output_dir / FINISHED).exists() or not output_dir.exists():
-        shutil.rmtree(output_dir, ignore_errors=True)
+        clear_run(output_dir)
         return None
-    resume = latest_checkpoint(output_dir, fingerprint)
-    for path in checkpoints(output_dir):
-        if resume is None or int(path.name.split("-")[-1]) > int(resume.name.split("-")[-1]):
-            reason = "half-written" if not (path / MARKER).exists() else "from a run with other params, data or code"
-            print(f"not resuming from {path}: {reason}; removing it")
+    for path in reversed(checkpoints(output_dir)):
+        problem = checkpoint_problem(path, fingerprint)
+        if problem is None:
+            return path
+        if problem.startswith("corrupt"):
+            aside = path.with_name(f"corrupt-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            print(f"not resuming from {path}: {problem}; set aside as {aside}, trying the one before")
+        else:
+            print(f"not resuming from {path}: {problem}; removing it")
             shutil.rmtree(path)
-    if resume is None:
-        print(f"no checkpoint of this run in {output_dir}: starting fresh")
-    return resume
+    print(f"no checkpoint of this run in {output_dir}: starting fresh")
+    clear_run(output_dir)
+    return None
 
 
 class CheckpointMarker(TrainerCallback):
-    """Marks a checkpoint complete, after the Trainer has written all of it."""
+    """Marks a checkpoint complete, after the Trainer has written all of it, with each file's size and digest."""
 
     def __init__(self, fingerprint: str):
         self.fingerprint = fingerprint
@@ -282,7 +325,24 @@ class CheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if path.is_dir():
-            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step})
+            files = {name: {"size": (path / name).stat().st_size, "sha256": digest(path / name)}
+                     for name in written_files(path) if name != MARKER}
+            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step, "files": files})
+
+
+def check_target_modules(model, lora: LoraParams, model_name: str) -> None:
+    """Refuse LoRA targets that name no module of the model, listing the modules that could be targeted."""
+    names = [name for name, _ in model.named_modules()]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    for key in ("target_modules", "modules_to_save"):
+        wanted = getattr(lora, key)
+        if not wanted or wanted == "all-linear":
+            continue
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
+                             f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")
 
 
 def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: str | None = None):
@@ -309,7 +369,9 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
     if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
+        unpacked_4bit_layers(model)  # trainable layout, also after each validation
     if method in ("lora", "qlora"):
+        check_target_modules(model, params.lora, params.model.model_name)
         model = get_peft_model(model, lora_config(params.lora))
     if train.packing:
         collator = PackedCollator(tokenizer.pad_token_id, params.prepare.max_length)
@@ -343,54 +405,101 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 def save_finetuned(params: Params, trainer, precision: Precision) -> None:
     """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
-    written beside each other and moved into place at once."""
+    written beside each other in a temporary folder, marked as ours and swapped into place at once."""
     finetuned_dir = Path(params.train.finetuned_dir)
-    tmp_dir = finetuned_dir.with_name(finetuned_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    trainer.model.save_pretrained(tmp_dir)  # peft saves the adapter alone
-    trainer.processing_class.save_pretrained(tmp_dir)
-    write_json(tmp_dir / "train_config.json", {
-        "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
-        "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype,
-        "precision_reason": precision.reason, "versions": versions()})
-    shutil.rmtree(finetuned_dir, ignore_errors=True)
-    tmp_dir.rename(finetuned_dir)
+    staged = staging_dir(finetuned_dir)
+    try:
+        trainer.model.save_pretrained(staged)  # peft saves the adapter alone
+        trainer.processing_class.save_pretrained(staged)
+        write_json(staged / "train_config.json", {
+            "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
+            "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype,
+            "precision_reason": precision.reason, "versions": versions()})
+        claim(staged, "train.finetuned_dir", written_files(staged))
+        swap_in(staged, finetuned_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
-def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
+def publish_history(staged_live: Path, live_dir: Path) -> None:
+    """The finished run's step history (DVCLive's files) replaces metrics/live in one rename."""
+    staged = staging_dir(live_dir)
+    try:
+        shutil.copytree(staged_live, staged, dirs_exist_ok=True)
+        swap_in(staged, live_dir)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = METRICS_FILE,
+        live_dir: Path = LIVE_DIR) -> dict:
+    """Train, then write the fine-tuned model, the step history (live_dir) and the metrics, in that order, and only
+    then mark the run finished: a run that stops anywhere before resumes from its last checkpoint. Nothing of the
+    previous run's outputs or history is touched until this run has finished training."""
     started = time.perf_counter()
-    output_dir = Path(params.train.output_dir)
+    output_dir, finetuned_dir = Path(params.train.output_dir), Path(params.train.finetuned_dir)
+    for folder, kind, name in ((output_dir, "checkpoints", "train.output_dir"),
+                               (finetuned_dir, "model", "train.finetuned_dir"), (live_dir, "live", str(live_dir))):
+        problem = ownership_problem(folder, kind, name)
+        if problem:
+            raise StageError(problem)
     run_fingerprint = fingerprint(params, prepared_dir)
+    trainer, precision, base_memory_mb = setup(params, prepared_dir, run_fingerprint)  # may refuse: nothing changed
     resume = prepare_output_dir(output_dir, run_fingerprint)
-    trainer, precision, base_memory_mb = setup(params, prepared_dir, run_fingerprint)
     timer = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StepTimer))
     if precision.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if resume:
         print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
-    tracking = Tracking(params, output_dir, int(resume.name.split("-")[-1]) if resume else None)
-    elapsed = read_series(LIVE_DIR, "train/elapsed_s")
+    staged_live = output_dir / LIVE_STAGING
+    tracking = Tracking(params, output_dir, int(resume.name.split("-")[-1]) if resume else None, staged_live)
+    elapsed = read_series(staged_live, "train/elapsed_s")
     trainer.add_callback(StepLog(tracking, trainer, timer, elapsed[-1][1] if elapsed else 0.0))
     if not sys.stderr.isatty():  # StepLog prints one plain line per log instead of the Trainer's dict
         trainer.remove_callback(PrinterCallback)
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume and trained_through(resume):
+            load_finished_training(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         state = trainer.state
         if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
             trainer.evaluate()  # make sure the final weights have a validation loss
+        metrics = final_metrics(params, trainer, timer, precision, base_memory_mb, started, staged_live)
         save_finetuned(params, trainer, precision)
+        publish_history(staged_live, live_dir)
+        write_json(metrics_file, metrics)
     except BaseException as err:
-        tracking.finish({}, Path(params.train.finetuned_dir), "killed" if isinstance(err, KeyboardInterrupt)
-                        else "failed")
+        tracking.finish({}, finetuned_dir, "killed" if isinstance(err, KeyboardInterrupt) else "failed")
         raise
+    tracking.finish(metrics, finetuned_dir, "finished")
+    (output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead of restarting
+    return metrics
 
-    train = params.train
+
+def trained_through(checkpoint: Path) -> bool:
+    """Whether `checkpoint` holds the last step: a run that stopped after training (writing its outputs) resumes
+    from there without training (the Trainer would run one step more than max_steps)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    return state["global_step"] >= state["max_steps"]
+
+
+def load_finished_training(trainer, checkpoint: Path) -> None:
+    from transformers import TrainerState
+
+    print(f"{checkpoint} holds the last training step: writing its outputs without training again")
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def final_metrics(params: Params, trainer, timer: StepTimer, precision: Precision, base_memory_mb: float,
+                  started: float, history: Path) -> dict:
+    train, state = params.train, trainer.state
     train_losses = [e["loss"] for e in state.log_history if "loss" in e]
     eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
-    tokens = int(state.num_input_tokens_seen)
     trainable, total = trainable_parameters(trainer.model)
     pruning = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrialPruning)), None)
-    metrics = {
+    return {
         "method": train.method,
         "quantization": quantization_summary(params),
         "device": precision.device,
@@ -400,7 +509,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "final_eval_loss": round(eval_losses[-1], 6),
         "steps": state.global_step,
         "epochs": round(state.epoch or 0.0, 4),
-        "tokens_trained": tokens,
+        "tokens_trained": int(state.num_input_tokens_seen),
         # non-padding tokens per second of this session's steps (a resumed run counts only its own part)
         "tokens_per_second": round(trainer.tokens_real / timer.seconds, 1) if timer.seconds else None,
         "packing": train.packing,
@@ -416,11 +525,8 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR) -> dict:
         "trainable_params": trainable,
         "total_params": total,
         **({"pruned_at_step": pruning.pruned_at} if pruning and pruning.pruned_at else {}),
-        "summary": summarize(LIVE_DIR),  # mean/min/max/last of each series DVCLive tracked
+        "summary": summarize(history),  # mean/min/max/last of each series DVCLive tracked
     }
-    tracking.finish(metrics, Path(train.finetuned_dir), "finished")
-    (output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead of restarting
-    return metrics
 
 
 def versions() -> dict[str, str]:
@@ -431,13 +537,12 @@ def versions() -> dict[str, str]:
 
 
 def main() -> None:
-    params = load_params(training=True)
+    params = load_params(training=True, writes=("train.output_dir", "train.finetuned_dir"))
     try:
         metrics = run(params)
     except KeyboardInterrupt:
         raise StageError(f"interrupted: nothing final was written; complete checkpoints in "
                          f"{params.train.output_dir} let the next run resume") from None
-    write_json(METRICS_FILE, metrics)
     print(json.dumps(metrics, indent=2))
 
 

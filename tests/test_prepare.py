@@ -89,6 +89,7 @@ BAD_LINES = {  # kind -> a line that has exactly that problem
     "invalid_json": b'{"prompt": "a", \n',
     "invalid_utf8": b'{"prompt": "\xff", "response": "b"}\n',
     "not_an_object": b'["prompt", "response"]\n',
+    "duplicate_key": b'{"prompt": "a", "response": "b", "prompt": "c"}\n',
     "missing_field": b'{"prompt": "a"}\n',
     "empty_field": b'{"prompt": "a", "response": "  "}\n',
     "wrong_type": b'{"prompt": 3, "response": "b"}\n',
@@ -99,6 +100,7 @@ BAD_LINES = {  # kind -> a line that has exactly that problem
     ("invalid_json", ":2: invalid JSON"),
     ("invalid_utf8", ":2: invalid UTF-8"),
     ("not_an_object", ":2: expected a JSON object, got list"),
+    ("duplicate_key", ":2: the key 'prompt' appears twice in one object"),
     ("missing_field", ":2: field 'response' is missing"),
     ("empty_field", ":2: field 'response' is empty"),
     ("wrong_type", ":2: field 'prompt' is int, expected a string"),
@@ -173,16 +175,16 @@ def test_run_writes_splits_and_stats(workdir):
     assert not (sources[0] & sources[1] or sources[0] & sources[2] or sources[1] & sources[2])
 
 
-def test_json_array_and_parquet_load_through_datasets(tmp_path):
+def test_json_array_and_parquet_keep_each_records_place(tmp_path):
     import pandas as pd
 
     records = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
-    (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "a.json").write_text(json.dumps(records, indent=1))
     pd.DataFrame(records).to_parquet(tmp_path / "a.parquet")
-    for name in ("a.json", "a.parquet"):
+    for name, second in (("a.json", ":6 (record 2)"), ("a.parquet", ":record 2")):
         examples = load_examples(DataParams(), tmp_path / name)
         assert [(e.prompt, e.response) for e in examples] == [("p1", "r1"), ("p2", "r2")]
-        assert examples[1].source == f"{tmp_path / name}:record 2"
+        assert examples[1].source == f"{tmp_path / name}{second}"
 
 
 def test_unsupported_file_type_is_named(tmp_path):

@@ -235,3 +235,38 @@ def test_local_stores_belong_to_the_repository_not_to_a_temporary_experiment_cop
 def test_credentials_in_a_tracking_uri_are_not_printed():
     assert tracking.redact("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
     assert tracking.redact("sqlite:////tmp/mlruns/mlflow.db") == "sqlite:////tmp/mlruns/mlflow.db"
+
+
+def test_a_resumed_run_sends_each_series_step_once_even_when_a_kill_split_a_step(workdir, monkeypatch):
+    """The training and validation losses of one step are two logs: a kill between them leaves a tracker with one
+    and not the other. After the resume it gets exactly the one it lacks; MLflow is asked what it holds."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    enable(workdir, "mlflow")
+    params = load_params()
+    output_dir, live = workdir / "models/checkpoints", workdir / "models/checkpoints/live"
+    first = tracking.Tracking(params, output_dir, None, live)
+    for step in (5, 10):
+        first.log(step, {"train/loss": 2.0 / step})
+        first.log(step, {"eval/loss": 3.0 / step})
+    first.log(15, {"train/loss": 0.1})  # killed here: step 15's validation loss never reached any tracker
+    run_id = first.runs["mlflow"]
+
+    resumed = tracking.Tracking(params, output_dir, 10, live)  # from the checkpoint at step 10
+    assert resumed.runs["mlflow"] == run_id
+    assert resumed.held["mlflow"] == {"train/loss": 15, "eval/loss": 10}  # read back from MLflow
+    sent = []
+    log = tracking.MlflowTracker.log
+    monkeypatch.setattr(tracking.MlflowTracker, "log", lambda self, step, record: sent.append((step, record))
+                        or log(self, step, record))
+    resumed.log(15, {"train/loss": 0.1})  # replayed: MLflow has it
+    resumed.log(15, {"eval/loss": 0.2})  # it does not
+    resumed.log(20, {"train/loss": 0.05, "eval/loss": 0.1})
+    assert sent == [(15, {"eval/loss": 0.2}), (20, {"train/loss": 0.05, "eval/loss": 0.1})]
+    resumed.finish({}, Path(), "finished")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [5, 10, 15, 20]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "eval/loss")) == [5, 10, 15, 20]
+    # DVCLive: the resumed history holds the steps up to the checkpoint and the replayed ones, each once
+    assert [s for s, _ in tracking.read_series(live, "train/loss")] == [5, 10, 15, 20]
