@@ -10,10 +10,11 @@ Reads params `model`, `train`, `lora`, `quantization`, `tracking` and `prepare.m
 batches, see stages/batching.py). Writes the adapter (or the full model) as safetensors, the tokenizer and
 train_config.json (the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to
 train.output_dir; metrics/train.json (including non-padding tokens/s, the padding fraction, and mean/min/max/last
-of every tracked series under `summary`); and the step metrics through DVCLive to metrics/live (the DVC plots
-`loss`, `learning_rate`, `grad_norm`, `throughput`), and to MLflow and W&B when params `tracking` enables them
-(stages/tracking.py). Method, quantization, device and precision are decided once, printed with the reason, and
-recorded in the metrics.
+of every tracked series under `summary`); and the step metrics through DVCLive, to train.output_dir/live while the
+run is in progress and to metrics/live once it has finished (the DVC plots `loss`, `learning_rate`, `grad_norm`,
+`throughput`), and to MLflow and W&B when params `tracking` enables them (stages/tracking.py). Method, quantization,
+device and precision are decided once, printed with the reason, and recorded in the metrics. Nothing of the last
+finished run's outputs is replaced before this run has finished training.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     # Bad values set through -S get the same checks, and the failed run leaves every file as it was: the
     # repository's own, the outputs, the checkpoints and metrics/live (a section no stage reads is refused by the
     # params stage, which depends on the whole file).
-    before = workspace(repo)
+    before, params_text = workspace(repo), (repo / "params.yaml").read_text()
     for setting, message in [("train.learning_rate=-1", "train.learning_rate: -1.0 must be positive"),
                              ("+train.learnig_rate=0.1", "did you mean train.learning_rate?"),
                              ("train.output_dir=.", "train.output_dir: . is the repository itself"),
@@ -149,8 +149,9 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
         failed = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", setting], cwd=repo, env=ENV,
                                 capture_output=True, text=True)
         assert failed.returncode != 0 and message in failed.stdout + failed.stderr, setting
-        sh(repo, "git", "checkout", "params.yaml")
+        (repo / "params.yaml").write_text(params_text)  # -S wrote the bad value there
         assert workspace(repo) == before, setting
+    sh(repo, "git", "checkout", "params.yaml")
 
     # The pull-request review of an experiment against main, with a planted regression: a learning rate too small
     # to learn anything in the toy's 6 steps.
