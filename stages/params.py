@@ -359,9 +359,18 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def tracked_files(root: Path) -> list[str]:
-    """Files git tracks under `root` (none outside a git repository)."""
-    found = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False)
-    return found.stdout.decode("utf-8", "replace").split("\0")[:-1] if found.returncode == 0 else []
+    """Files git tracks under `root` (none outside a git repository). Raises ParamsError when `root` is a git
+    repository whose tracked files cannot be listed: the outputs could not be checked against them."""
+    try:
+        found = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False)
+    except OSError as err:
+        found = subprocess.CompletedProcess([], 1, b"", str(err).encode())
+    if found.returncode == 0:
+        return found.stdout.decode("utf-8", "replace").split("\0")[:-1]
+    if (root / ".git").exists():
+        raise ParamsError([f"{root}: cannot list the files git tracks, so the output paths cannot be checked "
+                           f"against them (git says: {found.stderr.decode('utf-8', 'replace').strip()})"])
+    return []
 
 
 def path_problems(params: Params, root: Path, writes: tuple[str, ...] = ()) -> list[str]:
@@ -369,7 +378,7 @@ def path_problems(params: Params, root: Path, writes: tuple[str, ...] = ()) -> l
     repository, where the stages run): data outside data/raw, outputs outside the repository or over its sources,
     outputs overlapping each other, and, for the output folders the running stage `writes` (param names), files in
     them that the pipeline did not write."""
-    from stages.outputs import ownership_problem
+    from stages.outputs import TMP_INFIX, ownership_problem
 
     root = root.resolve()
     out = []
@@ -394,6 +403,14 @@ def path_problems(params: Params, root: Path, writes: tuple[str, ...] = ()) -> l
             continue
         if path == root:
             out.append(f"{name}: {value} is the repository itself; give a folder of its own, like models/x")
+            continue
+        if path != Path(os.path.normpath(root / value)):
+            out.append(f"{name}: {value} is a symbolic link or lies under one; give a folder of its own, "
+                       "like models/x")
+            continue
+        if any(part.startswith(".") and TMP_INFIX in part for part in Path(value).parts):
+            out.append(f"{name}: {value} is named like the stages' staging folders (.<name>{TMP_INFIX}...), "
+                       "which are removed as leftovers; choose another name")
             continue
         clash = next((what for where, what in protected.items() if _overlap(path, where)), None)
         relative = path.relative_to(root).as_posix()
@@ -514,12 +531,13 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
         raise ParamsError([f"{source}: not valid YAML: {err}"]) from err
     problems: list[str] = []
     params = _build(Params, raw, "", problems)
-    if not problems and root is not None:
-        problems.extend(path_problems(params, root, writes))
-    if not problems and hardware is not None:
-        problems.extend(hardware_problems(params, hardware))
-        if training:
-            problems.extend(tracking_problems(params, hardware))
+    if not problems:  # the values are well-formed: check them against the repository and the machine
+        if root is not None:
+            problems.extend(path_problems(params, root, writes))
+        if hardware is not None:
+            problems.extend(hardware_problems(params, hardware))
+            if training:
+                problems.extend(tracking_problems(params, hardware))
     if problems:
         lines = _key_lines(node) if node is not None else {}
 

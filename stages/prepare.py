@@ -39,8 +39,8 @@ class Example:
     source: str  # "file:line" (or "file:row N") it came from, for error messages and traceability
 
 
-BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "duplicate_key", "missing_field", "empty_field",
-             "wrong_type", "prompt_too_long")
+BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "duplicate_key", "field_count", "missing_field",
+             "empty_field", "wrong_type", "prompt_too_long")
 CSV_FIELD_LIMIT = 16 * 2**20  # characters; a bigger CSV field is almost always an unclosed quote
 
 
@@ -82,12 +82,14 @@ _SPACE = re.compile(r"[ \t\n\r]*")
 
 def _json_record(text: str, source: str, bad: BadRecords, start: int = 0) -> tuple[dict | None, int]:
     """One JSON value from `text` at `start`: (the object, or None if it is a bad record, reported; its end).
-    Invalid JSON raises json.JSONDecodeError for the caller to place."""
+    Invalid JSON raises ValueError (json.JSONDecodeError, or a number too long to convert) or RecursionError (too
+    deeply nested) for the caller to place."""
     try:
         value, end = STRICT_JSON.raw_decode(text, start)
     except DuplicateKey as err:
+        end = json.JSONDecoder().raw_decode(text, start)[1]  # invalid JSON after it: reported as that instead
         bad(source, "duplicate_key", f"the key {str(err)!r} appears twice in one object")
-        return None, json.JSONDecoder().raw_decode(text, start)[1]
+        return None, end
     if not isinstance(value, dict):
         bad(source, "not_an_object", f"expected a JSON object, got {type(value).__name__}")
         return None, end
@@ -110,8 +112,8 @@ def read_json_lines(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
                 continue
             try:
                 record, end = _json_record(line, source, bad, _SPACE.match(line).end())
-            except json.JSONDecodeError as err:
-                bad(source, "invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+            except (ValueError, RecursionError) as err:
+                bad(source, "invalid_json", f"invalid JSON ({json_problem(err)})")
                 continue
             if record is not None and line[end:].strip():
                 bad(source, "invalid_json", f"invalid JSON (extra data at column {end + 1})")
@@ -139,14 +141,17 @@ def read_json_array(path: Path, text: str, bad: BadRecords) -> list[tuple[str, d
         source = f"{path}:{line_at(pos)} (record {index})"
         try:
             record, end = _json_record(text, source, bad, pos)
-        except json.JSONDecodeError as err:
-            raise StageError(f"{path}:{err.lineno}: invalid JSON in record {index} ({err.msg} at column "
-                             f"{err.colno}); the records after it cannot be read, so fix it") from None
+        except (ValueError, RecursionError) as err:
+            where = err.lineno if isinstance(err, json.JSONDecodeError) else line_at(pos)
+            raise StageError(f"{path}:{where}: invalid JSON in record {index} ({json_problem(err)}); the records "
+                             "after it cannot be read, so fix it") from None
         if record is not None:
             rows.append((source, record))
         pos = _SPACE.match(text, end).end()
         if text.startswith(",", pos):
             pos = _SPACE.match(text, pos + 1).end()
+            if text.startswith("]", pos):
+                raise StageError(f"{path}:{line_at(pos)}: a comma after the last record (JSON allows none)")
         elif not text.startswith("]", pos):
             raise StageError(f"{path}:{line_at(pos)}: expected ',' or ']' after record {index}")
     if pos >= len(text) or text[pos + 1:].strip():
@@ -154,18 +159,35 @@ def read_json_array(path: Path, text: str, bad: BadRecords) -> list[tuple[str, d
     return rows
 
 
+def json_problem(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at column {err.colno}"
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err)
+
+
 def read_csv(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
-    """CSV or TSV rows by their first line. Invalid UTF-8 is kept as escapes here and reported for the fields
-    that are used (load_examples), so one bad byte costs one record, not the file."""
+    """CSV or TSV records, each named by the line it starts on. A record with more or fewer fields than the header
+    is a bad record (a stray delimiter would otherwise shift or cut its fields). Invalid UTF-8 is kept as escapes
+    here and reported for the fields that are used (load_examples), so one bad byte costs one record, not the
+    file."""
     csv.field_size_limit(CSV_FIELD_LIMIT)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
-    rows, first_line = [], 2
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    rows: list[tuple[str, dict]] = []
+    start = 0
     try:
-        for row in reader:
-            rows.append((f"{path}:{first_line}", row))
-            first_line = reader.line_num + 1
+        header = next(reader, None)
+        start = reader.line_num  # the header's last line
+        for fields in reader if header else ():
+            source, start = f"{path}:{start + 1}", reader.line_num
+            if not fields:
+                continue  # a blank line
+            if len(fields) != len(header):
+                bad(source, "field_count", f"{len(fields)} fields, the header has {len(header)} "
+                    f"({', '.join(header)}); quote fields that hold the delimiter")
+                continue
+            rows.append((source, dict(zip(header, fields, strict=True))))
     except csv.Error as err:
-        raise StageError(f"{path}:{first_line}: {err} (limit {CSV_FIELD_LIMIT:,} characters; "
+        raise StageError(f"{path}:{start + 1}: {err} (limit {CSV_FIELD_LIMIT:,} characters; "
                          "an unclosed quote makes one field of the rest of the file)") from None
     return rows
 

@@ -306,10 +306,10 @@ class Tracking:
 
     A resumed training continues the tracker runs it started, under the same names, and sends each tracker only the
     series steps it does not hold yet: per series, since the training and validation losses of one step are two
-    logs, and a kill can fall between them. MLflow is asked what it holds; for W&B the state file in output_dir says
-    (written after each log, so a kill between W&B's write and the state's can repeat one step, which W&B drops
-    as a step that does not advance). A tracker enabled only when the training resumes is first given the history
-    DVCLive kept."""
+    logs, and a kill can fall between them. MLflow is asked what it holds, so each step reaches it exactly once;
+    for W&B the state file in output_dir says, written after each log (a kill between W&B's write and the state's
+    can send that one step twice). A tracker enabled only when the training resumes, or dropped before the kill
+    after an error, is first given the history DVCLive kept up to the checkpoint."""
 
     def __init__(self, params: Params, output_dir: Path, resume_step: int | None, live_dir: Path):
         self.state_file = output_dir / RUN_STATE
@@ -330,17 +330,29 @@ class Tracking:
                 tracker = tracker_class(settings, params, self.runs.get(name), settings.run_name or self.run_name,
                                         root)
                 self.trackers.append(tracker)
-                if name in self.runs and hasattr(tracker, "held"):
-                    self.held[name] = tracker.held()
-                elif name not in self.runs and resume_step is not None:  # a new run for a resumed training
-                    for step, record in history(live_dir).items():
-                        tracker.log(step, record)
-                    self.held[name] = dict.fromkeys(SERIES, resume_step)
+                if resume_step is not None:
+                    self.catch_up(tracker, live_dir)
                 self.runs[name] = tracker.run_id
         except BaseException:
             self.finish({}, Path(), "failed")  # the trackers already started
             raise
         self.save()
+
+    def catch_up(self, tracker, live_dir: Path) -> None:
+        """Send a resumed training's tracker the steps up to the checkpoint that its run lacks: all of them for a
+        run started now, the ones after it was dropped for a run that failed mid-way."""
+        if tracker.name not in self.runs:
+            held = {}
+        elif hasattr(tracker, "held"):
+            held = tracker.held()  # what the tracker itself holds
+        else:
+            held = self.held.get(tracker.name, {})
+        for step, record in history(live_dir).items():  # DVCLive's, kept up to the checkpoint
+            new = {series: value for series, value in record.items() if step > held.get(series, -1)}
+            if new:
+                tracker.log(step, new)
+                held.update(dict.fromkeys(new, step))
+        self.held[tracker.name] = held
 
     def save(self) -> None:
         write_json(self.state_file, {"runs": self.runs, "run_name": self.run_name, "held": self.held})

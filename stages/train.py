@@ -36,7 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            unpacked_4bit_layers, write_json)
-from stages.outputs import claim, ownership_problem, staging_dir, swap_in, written_files
+from stages.outputs import CHECKPOINT_MARKER, claim, ownership_problem, staging_dir, swap_in, written_files
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
 from stages.tracking import LIVE_DIR, RUN_STATE, StepLog, Tracking, read_series, summarize
 
@@ -223,7 +223,7 @@ def guarded_trainer_class():
 # fingerprint of everything that determines training (params, data, code, library versions) and the size and digest
 # of each file. Resume takes the latest checkpoint whose marker matches this run and whose files match the marker;
 # half-written ones and ones from another run are removed, corrupt ones are set aside as corrupt-checkpoint-N.
-MARKER = "fingerprint.json"
+MARKER = CHECKPOINT_MARKER  # fingerprint.json
 FINISHED = "FINISHED"  # written once a run completes: its checkpoints are results, not a run to resume
 LIVE_STAGING = "live"  # in train.output_dir: the step history of the run in progress, published to metrics/live at
 #                        the end, so metrics/live always holds the history of the last finished run
@@ -286,9 +286,10 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def clear_run(output_dir: Path) -> None:
-    """Remove what a run left in output_dir (the folder holds nothing else: params.path_problems checked)."""
+    """Remove what a run left in output_dir (the folder holds nothing else: params.path_problems checked), except
+    the checkpoints set aside as corrupt, which stay for a look until removed by hand."""
     for entry in output_dir.iterdir():
-        if entry.name in (FINISHED, RUN_STATE, LIVE_STAGING) or entry.name.startswith(("checkpoint-", "corrupt-")):
+        if entry.name in (FINISHED, RUN_STATE, LIVE_STAGING) or entry.name.startswith(("checkpoint-", "tmp-")):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
@@ -306,7 +307,10 @@ def prepare_output_dir(output_dir: Path, fingerprint: str) -> Path | None:
             return path
         if problem.startswith("corrupt"):
             aside = path.with_name(f"corrupt-{path.name}")
-            shutil.rmtree(aside, ignore_errors=True)
+            for n in range(2, 1000):
+                if not aside.exists():
+                    break
+                aside = path.with_name(f"corrupt-{path.name}.{n}")
             path.rename(aside)
             print(f"not resuming from {path}: {problem}; set aside as {aside}, trying the one before")
         else:
@@ -408,6 +412,7 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
     """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
     written beside each other in a temporary folder, marked as ours and swapped into place at once."""
     finetuned_dir = Path(params.train.finetuned_dir)
+    refuse_foreign(finetuned_dir, "model", "train.finetuned_dir")  # again: files may have come while training
     staged = staging_dir(finetuned_dir)
     try:
         trainer.model.save_pretrained(staged)  # peft saves the adapter alone
@@ -422,8 +427,15 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 
 
+def refuse_foreign(folder: Path, kind: str, name: str) -> None:
+    problem = ownership_problem(folder, kind, name)
+    if problem:
+        raise StageError(problem)
+
+
 def publish_history(staged_live: Path, live_dir: Path) -> None:
     """The finished run's step history (DVCLive's files) replaces metrics/live in one rename."""
+    refuse_foreign(live_dir, "live", str(live_dir))
     staged = staging_dir(live_dir)
     try:
         shutil.copytree(staged_live, staged, dirs_exist_ok=True)
@@ -441,9 +453,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = 
     output_dir, finetuned_dir = Path(params.train.output_dir), Path(params.train.finetuned_dir)
     for folder, kind, name in ((output_dir, "checkpoints", "train.output_dir"),
                                (finetuned_dir, "model", "train.finetuned_dir"), (live_dir, "live", str(live_dir))):
-        problem = ownership_problem(folder, kind, name)
-        if problem:
-            raise StageError(problem)
+        refuse_foreign(folder, kind, name)
     run_fingerprint = fingerprint(params, prepared_dir)
     trainer, precision, base_memory_mb = setup(params, prepared_dir, run_fingerprint)  # may refuse: nothing changed
     resume = prepare_output_dir(output_dir, run_fingerprint)

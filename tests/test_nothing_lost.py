@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages import evaluate, merge, params as params_stage, prepare, train
+from stages import evaluate, merge, outputs, params as params_stage, prepare, train
 from stages.common import run_main
 from stages.tracking import read_series
 
@@ -150,7 +150,7 @@ REFUSED = {
     "a foreign file among the checkpoints": (["train"], {}, {"models/checkpoints/mine.txt": "mine"},
                                              "models/checkpoints holds files this pipeline did not write (mine.txt)"),
     "a foreign file in the merged folder": (["merge"], {}, {"models/merged/sub/x.bin": "mine"},
-                                            "holds files this pipeline did not write (sub/x.bin)"),
+                                            "holds files this pipeline did not write (sub)"),
     "a foreign file in the prepared data": (["prepare"], {}, {"data/prepared/extra.jsonl": "{}"},
                                             "data/prepared holds files this pipeline did not write (extra.jsonl)"),
     "a folder named like data": (["prepare"], {"data.path": "data/raw/x.jsonl"}, {"data/raw/x.jsonl/a": "x"},
@@ -179,6 +179,30 @@ REFUSED = {
         {"data/raw/x.csv": b"prompt,response\n" + b"".join(b"p%d,r%d\n" % (i, i) for i in range(40))
          .replace(b"p3,", b"p\xff3,")},
         "data/raw/x.csv:5: field 'prompt' holds invalid UTF-8"),
+    "a symbolic link as the output folder": (["train"], {"train.finetuned_dir": "models/link"},
+                                             {"@link models/link": "finetuned"},
+                                             "train.finetuned_dir: models/link is a symbolic link or lies under one"),
+    "a file where the output folder goes": (["train"], {"train.finetuned_dir": "models/notes.txt"}, {},
+                                            "train.finetuned_dir: models/notes.txt is a file, not a folder"),
+    "an output named like a staging folder": (["merge"], {"export.merged_dir": "models/.m.tmp-1"}, {},
+                                              "export.merged_dir: models/.m.tmp-1 is named like the stages' staging"),
+    "a model saved by something else": (["merge"], {"export.merged_dir": "models/mine"},
+                                        {"models/mine/config.json": "{}", "models/mine/model.safetensors": "x"},
+                                        "export.merged_dir: models/mine holds files this pipeline did not write "
+                                        "(config.json, model.safetensors)"),
+    "another trainer's checkpoints": (["train"], {"train.output_dir": "models/other"},
+                                      {"models/other/checkpoint-500/optimizer.pt": "x"},
+                                      "train.output_dir: models/other holds files this pipeline did not write "
+                                      "(checkpoint-500)"),
+    "a stray delimiter in a CSV": (["prepare"], {"data.path": "data/raw/x.csv"},
+                                   {"data/raw/x.csv": "prompt,response\na,b\nc,hello, world\n"},
+                                   "data/raw/x.csv:3: 3 fields, the header has 2 (prompt, response)"),
+    "a trailing comma in a JSON array": (["prepare"], {"data.path": "data/raw/a.json"},
+                                         {"data/raw/a.json": json.dumps(records(3))[:-1] + ",]"},
+                                         "data/raw/a.json:1: a comma after the last record"),
+    "a number too long to read": (["prepare"], {}, {"data/raw/toy.jsonl": "@line 2: " + json.dumps(
+        {"prompt": "a", "response": "b"})[:-1] + ', "n": ' + "1" * 5000 + "}"},
+        "data/raw/toy.jsonl:2: invalid JSON (Exceeds the limit (4300 digits)"),
     "a pickle-only adapter": (["evaluate", "--model", "finetuned"], {}, {"@pickle": "models/finetuned"},
                               "models/finetuned: no adapter_model.safetensors: it holds adapter_model.bin (pickle"),
     "a pickle-only merged model": (["evaluate", "--model", "merged"], {}, {"@pickle": "models/merged"},
@@ -190,6 +214,9 @@ REFUSED = {
 def write_inputs(repo: Path, files: dict) -> None:
     for path, content in files.items():
         if path == "raw":
+            continue
+        if path.startswith("@link "):
+            (repo / path.removeprefix("@link ")).symlink_to(content)
             continue
         if path == "@pickle":  # the safetensors weights replaced by a pickle of the same tensors
             folder = repo / content
@@ -241,8 +268,9 @@ def test_a_killed_runs_leftovers_are_never_kept(repo, monkeypatch, capsys):
     assert snapshot(repo, "data/prepared") == before and not list((repo / "data").glob(".prepared.tmp-*"))
 
     monkeypatch.setattr(prepare, "write_jsonl", write_jsonl)
-    (repo / "data/.prepared.tmp-killed").mkdir()
+    (repo / "data/.prepared.tmp-killed").mkdir()  # as a kill while writing the splits leaves it
     (repo / "data/.prepared.tmp-killed/train.jsonl").write_text("{}\n")
+    (repo / "data/.prepared.tmp-killed" / outputs.STAGING).touch()
     (repo / "data/prepared/.train.jsonl.abc.tmp").write_text("half")
     status, output = run_stage("prepare", monkeypatch, capsys)
     assert status == 0, output
@@ -294,18 +322,36 @@ def unfinish(repo: Path) -> None:
     (repo / "models/checkpoints" / train.FINISHED).unlink()
 
 
-def test_a_corrupt_checkpoint_is_set_aside_and_the_one_before_resumed(repo, monkeypatch, capsys):
-    adapter = snapshot(repo, "models/finetuned")
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])  # as a full disk or a kill mid-write leaves it
+
+
+def test_a_corrupt_checkpoint_is_set_aside_and_the_one_before_resumed(repo, finished, monkeypatch, capsys):
     unfinish(repo)
-    weights = repo / "models/checkpoints/checkpoint-6/adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as a full disk or a kill mid-write leaves it
+    shutil.rmtree(repo / "models/finetuned")
+    (repo / "metrics/train.json").unlink()
+    truncate(repo / "models/checkpoints/checkpoint-6/adapter_model.safetensors")
     status, output = run_stage("train", monkeypatch, capsys)
     assert status == 0, output
     assert ("not resuming from models/checkpoints/checkpoint-6: corrupt: adapter_model.safetensors is not the file "
             "that was saved") in output
     assert "resuming from models/checkpoints/checkpoint-3:" in output
     assert (repo / "models/checkpoints/corrupt-checkpoint-6").is_dir()  # kept for a look, never resumed
-    assert snapshot(repo, "models/finetuned") == adapter  # the same weights as the uninterrupted run
+    assert snapshot(repo, "models/finetuned") == snapshot(finished, "models/finetuned")  # as uninterrupted
+    assert (repo / "models/notes.txt").read_text() == "an untracked note\n"
+
+
+def test_when_every_checkpoint_is_corrupt_training_starts_fresh_and_keeps_them(repo, finished, monkeypatch, capsys):
+    unfinish(repo)
+    shutil.rmtree(repo / "models/finetuned")
+    for step in (3, 6):
+        truncate(repo / f"models/checkpoints/checkpoint-{step}/optimizer.pt")
+    status, output = run_stage("train", monkeypatch, capsys)
+    assert status == 0, output
+    assert "no checkpoint of this run in models/checkpoints: starting fresh" in output
+    assert (repo / "models/checkpoints/corrupt-checkpoint-3").is_dir()
+    assert (repo / "models/checkpoints/corrupt-checkpoint-6").is_dir()
+    assert snapshot(repo, "models/finetuned") == snapshot(finished, "models/finetuned")
 
 
 def test_resume_rebuilds_what_a_kill_left_half_written(repo, finished, monkeypatch, capsys):
@@ -314,6 +360,7 @@ def test_resume_rebuilds_what_a_kill_left_half_written(repo, finished, monkeypat
     history = snapshot(repo, "metrics/live/plots")
     unfinish(repo)
     shutil.rmtree(repo / "models/checkpoints/checkpoint-6")
+    shutil.rmtree(repo / "metrics/live")  # so that what is compared below is the resumed run's
     live = repo / "models/checkpoints/live"
     (live / "metrics.json").write_text("")
     with (live / "plots/metrics/train/loss.tsv").open("a") as f:
@@ -336,7 +383,7 @@ def test_resume_rebuilds_what_a_kill_left_half_written(repo, finished, monkeypat
     assert summary["eval"]["loss"] == read_series(finished / "metrics/live", "eval/loss")[-1][1]
 
 
-def test_a_late_failure_leaves_a_run_that_resumes(repo, monkeypatch, capsys):
+def test_a_late_failure_leaves_a_run_that_resumes(repo, finished, monkeypatch, capsys):
     """Writing metrics/train.json fails (a full disk): the run exits non-zero naming the file and is not marked
     finished, so the next run resumes from its last checkpoint instead of training again from zero."""
     set_params(repo, {"train.seed": 7})
@@ -352,15 +399,33 @@ def test_a_late_failure_leaves_a_run_that_resumes(repo, monkeypatch, capsys):
     assert status == 1 and "error: metrics/train.json: No space left on device" in output
     assert "Traceback" not in output
     assert not (repo / "models/checkpoints" / train.FINISHED).exists()
-    adapter = snapshot(repo, "models/finetuned")
+    adapter = snapshot(repo, "models/finetuned")  # the seed-7 run's, already in place
+    assert adapter != snapshot(finished, "models/finetuned")
 
     monkeypatch.setattr(train, "write_json", write_json)
     status, output = run_stage("train", monkeypatch, capsys)
     assert status == 0, output
     assert "resuming from models/checkpoints/checkpoint-6:" in output and "starting fresh" not in output
-    assert json.loads((repo / "metrics/train.json").read_text())["steps"] == 6
+    assert "holds the last training step: writing its outputs without training again" in output
+    written = json.loads((repo / "metrics/train.json").read_text())
+    assert written["steps"] == 6 and written["tokens_trained"] > 0
+    assert written["final_train_loss"] != json.loads((finished / "metrics/train.json").read_text())["final_train_loss"]
     assert snapshot(repo, "models/finetuned") == adapter
     assert (repo / "models/checkpoints" / train.FINISHED).exists()
+
+
+def test_outputs_given_as_other_spellings_and_lookalike_folders_are_safe(repo, monkeypatch, capsys):
+    """`./models/finetuned/` is the same folder as models/finetuned; a folder of yours named like a staging folder
+    is not one, and survives a run that cleans up leftovers beside it."""
+    (repo / "models/.finetuned.tmp-mine").mkdir()
+    (repo / "models/.finetuned.tmp-mine/keep.txt").write_text("mine")
+    set_params(repo, {"train.finetuned_dir": "./models/finetuned/", "train.seed": 3})
+    status, output = run_stage("train", monkeypatch, capsys)
+    assert status == 0, output
+    assert (repo / "models/.finetuned.tmp-mine/keep.txt").read_text() == "mine"
+    assert (repo / "models/notes.txt").read_text() == "an untracked note\n"
+    assert json.loads((repo / "models/finetuned/.dvc-finetune.json").read_text())["written_by"] == \
+        "train.finetuned_dir"
 
 
 def test_a_failed_run_keeps_the_previous_outputs_and_history(repo, monkeypatch, capsys):

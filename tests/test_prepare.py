@@ -122,7 +122,7 @@ def test_skip_policy_counts_every_injected_bad_record(tmp_path):
     bad = BadRecords("skip")
     examples = load_examples(DataParams(on_bad_record="skip"), path, bad)
     assert len(examples) == 10
-    assert bad.counts == {**{kind: 2 for kind in BAD_LINES}, "prompt_too_long": 0}
+    assert bad.counts == {**{kind: 2 for kind in BAD_LINES}, "field_count": 0, "prompt_too_long": 0}
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n"])
@@ -191,3 +191,14 @@ def test_unsupported_file_type_is_named(tmp_path):
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(StageError, match="unsupported file type '.xlsx'"):
         load_examples(DataParams(), tmp_path / "data.xlsx")
+
+
+def test_long_csv_fields_and_multiline_records_keep_their_lines(tmp_path):
+    """A 200 KB field (over the csv module's 128 KB default) is data, not an error; a record spanning lines is
+    named by the line it starts on."""
+    path = tmp_path / "long.csv"
+    path.write_text('prompt,response\n"two\nlines",a\n' + "b," + "x" * 200_000 + "\n" + "c,\n")
+    bad = BadRecords("skip")
+    examples = load_examples(DataParams(), path, bad)
+    assert [(e.source, len(e.response)) for e in examples] == [(f"{path}:2", 1), (f"{path}:4", 200_000)]
+    assert bad.counts["empty_field"] == 1

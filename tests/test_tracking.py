@@ -270,3 +270,28 @@ def test_a_resumed_run_sends_each_series_step_once_even_when_a_kill_split_a_step
     assert sorted(m.step for m in client.get_metric_history(run_id, "eval/loss")) == [5, 10, 15, 20]
     # DVCLive: the resumed history holds the steps up to the checkpoint and the replayed ones, each once
     assert [s for s, _ in tracking.read_series(live, "train/loss")] == [5, 10, 15, 20]
+
+
+def test_a_tracker_dropped_before_a_kill_gets_the_steps_it_missed_on_resume(workdir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    enable(workdir, "mlflow")
+    params = load_params()
+    output_dir, live = workdir / "models/checkpoints", workdir / "models/checkpoints/live"
+    first = tracking.Tracking(params, output_dir, None, live)
+    first.log(5, {"train/loss": 0.5})
+    first.log(10, {"train/loss": 0.4})
+    log = tracking.MlflowTracker.log
+    monkeypatch.setattr(tracking.MlflowTracker, "log", lambda *args: (_ for _ in ()).throw(OSError("server down")))
+    first.log(15, {"train/loss": 0.3})  # MLflow dropped here; DVCLive goes on
+    first.log(20, {"train/loss": 0.2})
+    monkeypatch.setattr(tracking.MlflowTracker, "log", log)
+    run_id = first.runs["mlflow"]
+
+    resumed = tracking.Tracking(params, output_dir, 20, live)  # killed after the checkpoint at step 20
+    resumed.log(25, {"train/loss": 0.1})
+    resumed.finish({}, Path(), "finished")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns/mlflow.db'}")
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")) == \
+        [(5, 0.5), (10, 0.4), (15, 0.3), (20, 0.2), (25, 0.1)]
