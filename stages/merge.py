@@ -25,7 +25,7 @@ import torch
 
 from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
 from stages.evaluate import generate
-from stages.outputs import claim, ownership_problem, staging_dir, swap_in, written_files
+from stages.outputs import claim, refuse_foreign, staging_dir, swap_in, written_files
 from stages.params import EvaluateParams, Params, load_params
 
 TEST_FILE = Path("data/prepared/test.jsonl")
@@ -38,15 +38,13 @@ def export(finetuned_dir: Path, merged_dir: Path) -> None:
     model = load_finetuned(finetuned_dir, quantized=False)
     if read_train_config(finetuned_dir)["train"]["method"] != "full":
         model = model.merge_and_unload()
-    problem = ownership_problem(merged_dir, "model", "export.merged_dir")
-    if problem:
-        raise StageError(problem)
+    refuse_foreign(merged_dir, "model", "export.merged_dir")
     staged = staging_dir(merged_dir)
     try:
         model.save_pretrained(staged)  # safetensors
         AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(staged)
         claim(staged, "export.merged_dir", written_files(staged))
-        swap_in(staged, merged_dir)
+        swap_in(staged, merged_dir, "model", "export.merged_dir")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 

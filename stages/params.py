@@ -365,12 +365,13 @@ def tracked_files(root: Path) -> list[str]:
         found = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False)
     except OSError as err:
         found = subprocess.CompletedProcess([], 1, b"", str(err).encode())
+    said = found.stderr.decode("utf-8", "replace").strip()
     if found.returncode == 0:
         return found.stdout.decode("utf-8", "replace").split("\0")[:-1]
-    if (root / ".git").exists():
-        raise ParamsError([f"{root}: cannot list the files git tracks, so the output paths cannot be checked "
-                           f"against them (git says: {found.stderr.decode('utf-8', 'replace').strip()})"])
-    return []
+    if "not a git repository" in said and not (root / ".git").exists():
+        return []
+    raise ParamsError([f"{root}: cannot list the files git tracks, so the output paths cannot be checked "
+                       f"against them (git says: {said or 'nothing'})"])
 
 
 def path_problems(params: Params, root: Path, writes: tuple[str, ...] = ()) -> list[str]:

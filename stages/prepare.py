@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import IGNORE_INDEX, StageError, load_tokenizer, progress, run_main, write_json, write_jsonl
-from stages.outputs import ownership_problem, staging_dir, swap_in
+from stages.outputs import refuse_foreign, staging_dir, swap_in
 from stages.params import DataParams, Params, PrepareParams, load_params
 
 PREPARED_DIR = Path("data/prepared")
@@ -175,8 +175,11 @@ def read_csv(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
     rows: list[tuple[str, dict]] = []
     start = 0
     try:
-        header = next(reader, None)
+        header = next((fields for fields in reader if fields), None)  # blank lines before it are skipped
         start = reader.line_num  # the header's last line
+        if header and len(set(header)) < len(header):
+            twice = sorted({name for name in header if header.count(name) > 1})
+            raise StageError(f"{path}:{start}: the header names {', '.join(map(repr, twice))} more than once")
         for fields in reader if header else ():
             source, start = f"{path}:{start + 1}", reader.line_num
             if not fields:
@@ -315,9 +318,7 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     """Read, split and tokenize; the splits are written to a temporary folder that replaces `out_dir` in one
     rename, so the three files always come from one run."""
     data, prepare = params.data, params.prepare
-    problem = ownership_problem(out_dir, "prepared", "the prepare stage's output")
-    if problem:
-        raise StageError(problem)
+    refuse_foreign(out_dir, "prepared", "the prepare stage's output")
     tokenizer = load_tokenizer(params.model)
     bad = BadRecords(data.on_bad_record)
     examples = load_examples(data, Path(data.path), bad)
@@ -357,7 +358,7 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
     try:
         for name, records in prepared.items():
             write_jsonl(staged / f"{name}.jsonl", records)
-        swap_in(staged, out_dir)
+        swap_in(staged, out_dir, "prepared", "the prepare stage's output")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
     stats.update(counts)

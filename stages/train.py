@@ -36,7 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            unpacked_4bit_layers, write_json)
-from stages.outputs import CHECKPOINT_MARKER, claim, ownership_problem, staging_dir, swap_in, written_files
+from stages.outputs import CHECKPOINT_MARKER, claim, refuse_foreign, staging_dir, swap_in, written_files
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
 from stages.tracking import LIVE_DIR, RUN_STATE, StepLog, Tracking, read_series, summarize
 
@@ -412,7 +412,6 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
     """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
     written beside each other in a temporary folder, marked as ours and swapped into place at once."""
     finetuned_dir = Path(params.train.finetuned_dir)
-    refuse_foreign(finetuned_dir, "model", "train.finetuned_dir")  # again: files may have come while training
     staged = staging_dir(finetuned_dir)
     try:
         trainer.model.save_pretrained(staged)  # peft saves the adapter alone
@@ -422,24 +421,17 @@ def save_finetuned(params: Params, trainer, precision: Precision) -> None:
             "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype,
             "precision_reason": precision.reason, "versions": versions()})
         claim(staged, "train.finetuned_dir", written_files(staged))
-        swap_in(staged, finetuned_dir)
+        swap_in(staged, finetuned_dir, "model", "train.finetuned_dir")
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def refuse_foreign(folder: Path, kind: str, name: str) -> None:
-    problem = ownership_problem(folder, kind, name)
-    if problem:
-        raise StageError(problem)
-
-
 def publish_history(staged_live: Path, live_dir: Path) -> None:
     """The finished run's step history (DVCLive's files) replaces metrics/live in one rename."""
-    refuse_foreign(live_dir, "live", str(live_dir))
     staged = staging_dir(live_dir)
     try:
         shutil.copytree(staged_live, staged, dirs_exist_ok=True)
-        swap_in(staged, live_dir)
+        swap_in(staged, live_dir, "live", str(live_dir))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -477,6 +469,9 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = 
         if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
             trainer.evaluate()  # make sure the final weights have a validation loss
         metrics = final_metrics(params, trainer, timer, precision, base_memory_mb, started, staged_live)
+        # again, before the first swap: files may have come while training
+        refuse_foreign(finetuned_dir, "model", "train.finetuned_dir")
+        refuse_foreign(live_dir, "live", str(live_dir))
         save_finetuned(params, trainer, precision)
         publish_history(staged_live, live_dir)
         write_json(metrics_file, metrics)

@@ -202,3 +202,23 @@ def test_long_csv_fields_and_multiline_records_keep_their_lines(tmp_path):
     examples = load_examples(DataParams(), path, bad)
     assert [(e.source, len(e.response)) for e in examples] == [(f"{path}:2", 1), (f"{path}:4", 200_000)]
     assert bad.counts["empty_field"] == 1
+
+
+def test_csv_lines_count_blank_lines_and_the_header_is_checked(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text("\nprompt,response\na,b\n\nc,d\n")
+    assert [e.source for e in load_examples(DataParams(), path)] == [f"{path}:3", f"{path}:5"]
+    path.write_text("prompt,response,prompt\na,b,c\n")
+    with pytest.raises(StageError, match=re.escape(f"{path}:1: the header names 'prompt' more than once")):
+        load_examples(DataParams(), path)
+
+
+def test_json_that_python_cannot_read_is_a_bad_record_counted_once(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text("[" * 100_000 + "\n"  # nested too deeply
+                    + '{"prompt": "a", "response": "b", "n": ' + "1" * 5000 + "}\n"  # too many digits
+                    + '{"prompt": "a", "prompt": "b", "response": \n'  # a duplicate key, then broken JSON
+                    + GOOD)
+    bad = BadRecords("skip")
+    assert len(load_examples(DataParams(on_bad_record="skip"), path, bad)) == 1
+    assert bad.counts["invalid_json"] == 3 and bad.counts["duplicate_key"] == 0
