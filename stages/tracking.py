@@ -289,6 +289,10 @@ class WandbTracker:
                 artifact.add_dir(str(model_dir))
                 self.run.log_artifact(artifact)
         self.run.finish(exit_code={"finished": 0, "killed": 255}.get(outcome, 1))
+        # run.finish() returns while W&B's service may still be writing the run's file (offline) or uploading it;
+        # teardown waits for it, so the run is complete when the stage goes on (its atexit hook would otherwise
+        # do this only when the process exits)
+        self.wandb.teardown()
 
 
 def artifact_name(metrics: dict) -> str:
