@@ -18,14 +18,13 @@ must agree: it is the same function, summed differently), and for QLoRA also aga
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
 from stages.evaluate import generate
-from stages.outputs import claim, refuse_foreign, staging_dir, swap_in, written_files
+from stages.outputs import refuse_foreign, replacing
 from stages.params import EvaluateParams, Params, load_params
 
 TEST_FILE = Path("data/prepared/test.jsonl")
@@ -39,14 +38,9 @@ def export(finetuned_dir: Path, merged_dir: Path) -> None:
     if read_train_config(finetuned_dir)["train"]["method"] != "full":
         model = model.merge_and_unload()
     refuse_foreign(merged_dir, "model", "export.merged_dir")
-    staged = staging_dir(merged_dir)
-    try:
+    with replacing(merged_dir, "model", "export.merged_dir") as staged:
         model.save_pretrained(staged)  # safetensors
         AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(staged)
-        claim(staged, "export.merged_dir", written_files(staged))
-        swap_in(staged, merged_dir, "model", "export.merged_dir")
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 @torch.no_grad()

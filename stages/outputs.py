@@ -25,6 +25,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from stages.common import StageError
@@ -61,12 +63,9 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 - DVC's content address, not a security measure
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def recorded_by_dvc(folder: Path) -> bool:
@@ -83,7 +82,7 @@ def recorded_by_dvc(folder: Path) -> bool:
         return False
     recorded = {entry["relpath"]: entry["md5"] for entry in listing}
     files = [e for e in _entries(folder) if not (folder / e).is_dir() or (folder / e).is_symlink()]
-    return sorted(files) == sorted(recorded) and all(_md5(folder / f) == recorded[f] for f in files)
+    return sorted(files) == sorted(recorded) and all(file_digest(folder / f, "md5") == recorded[f] for f in files)
 
 
 def _foreign_checkpoint(checkpoint: Path, newest_marked: int, folder_marked: bool) -> bool:
@@ -228,6 +227,20 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+@contextmanager
+def replacing(dest: Path, kind: str, param: str) -> Iterator[Path]:
+    """A staging folder to write the new `dest` into; swapped in when the block ends without an error (a model
+    folder marked with what was written first), removed in any case."""
+    staged = staging_dir(dest)
+    try:
+        yield staged
+        if kind == "model":
+            claim(staged, param, written_files(staged))
+        swap_in(staged, dest, kind, param)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def swap_in(staged: Path, dest: Path, kind: str, param: str) -> None:

@@ -16,7 +16,6 @@ import io
 import json
 import random
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from stages.common import IGNORE_INDEX, StageError, load_tokenizer, progress, run_main, write_json, write_jsonl
-from stages.outputs import refuse_foreign, staging_dir, swap_in
+from stages.outputs import refuse_foreign, replacing
 from stages.params import DataParams, Params, PrepareParams, load_params
 
 PREPARED_DIR = Path("data/prepared")
@@ -354,13 +353,9 @@ def run(params: Params, out_dir: Path = PREPARED_DIR) -> dict:
         prepared[name] = records
         stats[f"{name}_examples"] = len(records)
 
-    staged = staging_dir(out_dir)
-    try:
+    with replacing(out_dir, "prepared", "the prepare stage's output") as staged:
         for name, records in prepared.items():
             write_jsonl(staged / f"{name}.jsonl", records)
-        swap_in(staged, out_dir, "prepared", "the prepare stage's output")
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
     stats.update(counts)
     stats.update(bad.stats())
     stats.update(percentiles(lengths, "tokens"))

@@ -352,8 +352,7 @@ class Tracking:
         else:
             held = self.held.get(tracker.name, {})
         for step, record in history(live_dir).items():  # DVCLive's, kept up to the checkpoint
-            new = {series: value for series, value in record.items() if step > held.get(series, -1)}
-            if new:
+            if new := unsent(held, step, record):
                 tracker.log(step, new)
                 held.update(dict.fromkeys(new, step))
         self.held[tracker.name] = held
@@ -365,7 +364,7 @@ class Tracking:
         self.live.log(step, record)
         for tracker in list(self.trackers):
             held = self.held.setdefault(tracker.name, {})
-            new = {series: value for series, value in record.items() if step > held.get(series, -1)}
+            new = unsent(held, step, record)
             if not new:
                 continue  # that run has this step from before the resume
             try:
@@ -390,6 +389,11 @@ class Tracking:
             except Exception as err:
                 warn(f"{tracker.name}: could not finish its run ({type(err).__name__}: {err})")
         self.live, self.trackers, self.dropped = None, [], []
+
+
+def unsent(held: dict[str, int], step: int, record: dict[str, float]) -> dict[str, float]:
+    """The part of `record` a tracker does not hold yet, `held` being its last step of each series."""
+    return {series: value for series, value in record.items() if step > held.get(series, -1)}
 
 
 def read_state(path: Path) -> dict:

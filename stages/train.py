@@ -36,7 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from stages.batching import PackedCollator, check_packing, real_tokens
 from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
                            unpacked_4bit_layers, write_json)
-from stages.outputs import CHECKPOINT_MARKER, claim, refuse_foreign, staging_dir, swap_in, written_files
+from stages.outputs import CHECKPOINT_MARKER, claim, file_digest, refuse_foreign, replacing, written_files
 from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
 from stages.tracking import LIVE_DIR, RUN_STATE, StepLog, Tracking, read_series, summarize
 
@@ -236,19 +236,11 @@ def fingerprint(params: Params, prepared_dir: Path) -> str:
         "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
         "row_length": params.prepare.max_length,
         "quantization": as_dict(params.quantization) if params.train.method == "qlora" else None,
-        "data": {name: digest(prepared_dir / f"{name}.jsonl") for name in ("train", "validation")},
-        "code": {name: digest(code_dir / name) for name in ("train.py", "batching.py", "common.py", "params.py")},
+        "data": {name: file_digest(prepared_dir / f"{name}.jsonl") for name in ("train", "validation")},
+        "code": {name: file_digest(code_dir / name) for name in ("train.py", "batching.py", "common.py", "params.py")},
         "versions": versions(),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def checkpoints(output_dir: Path) -> list[Path]:
@@ -274,7 +266,7 @@ def checkpoint_problem(checkpoint: Path, fingerprint: str) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"corrupt: {name} is missing"
-        if path.stat().st_size != expected["size"] or digest(path) != expected["sha256"]:
+        if path.stat().st_size != expected["size"] or file_digest(path) != expected["sha256"]:
             return f"corrupt: {name} is not the file that was saved ({path.stat().st_size:,} bytes, " \
                    f"{expected['size']:,} when saved)"
     return None
@@ -330,7 +322,7 @@ class CheckpointMarker(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if path.is_dir():
-            files = {name: {"size": (path / name).stat().st_size, "sha256": digest(path / name)}
+            files = {name: {"size": (path / name).stat().st_size, "sha256": file_digest(path / name)}
                      for name in written_files(path) if name != MARKER}
             write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step, "files": files})
 
@@ -411,29 +403,19 @@ def trainable_parameters(model) -> tuple[int, int]:
 def save_finetuned(params: Params, trainer, precision: Precision) -> None:
     """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
     written beside each other in a temporary folder, marked as ours and swapped into place at once."""
-    finetuned_dir = Path(params.train.finetuned_dir)
-    staged = staging_dir(finetuned_dir)
-    try:
+    with replacing(Path(params.train.finetuned_dir), "model", "train.finetuned_dir") as staged:
         trainer.model.save_pretrained(staged)  # peft saves the adapter alone
         trainer.processing_class.save_pretrained(staged)
         write_json(staged / "train_config.json", {
             "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
             "quantization": as_dict(params.quantization), "device": precision.device, "precision": precision.dtype,
             "precision_reason": precision.reason, "versions": versions()})
-        claim(staged, "train.finetuned_dir", written_files(staged))
-        swap_in(staged, finetuned_dir, "model", "train.finetuned_dir")
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def publish_history(staged_live: Path, live_dir: Path) -> None:
     """The finished run's step history (DVCLive's files) replaces metrics/live in one rename."""
-    staged = staging_dir(live_dir)
-    try:
+    with replacing(live_dir, "live", str(live_dir)) as staged:
         shutil.copytree(staged_live, staged, dirs_exist_ok=True)
-        swap_in(staged, live_dir, "live", str(live_dir))
-    finally:
-        shutil.rmtree(staged, ignore_errors=True)
 
 
 def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = METRICS_FILE,
