@@ -1,7 +1,7 @@
 """`dvc plots show`'s HTML page in headless Chromium (Debian's, driven by Playwright), as a person would open it.
 
-The page loads Vega, Vega-Lite and Vega-Embed from cdn.jsdelivr.net. With no route to the internet here, those
-requests are answered with the same libraries bundled by vl-convert; nothing else on the page is changed.
+The repository's page template (.dvc/config's plots.html_template) inlines Vega, Vega-Lite and Vega-Embed, so the page
+must draw with no network at all: every request that is not for a file:// URL is refused and reported as an error.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 import shutil
 from pathlib import Path
 
-CDN = "https://cdn.jsdelivr.net/npm/"
 # Chromium's background services try the network at start; the machine refuses them (slowly) otherwise.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -40,27 +39,31 @@ def plots_with_data(html: Path) -> list[str]:
 
 
 def render(html: Path, screenshot: Path) -> tuple[dict[str, tuple[int, int]], list[str]]:
-    """Open the page, wait until every plot with data is drawn, take a full-page screenshot. Returns each plot's
-    ink (see `ink`) by its div id, and every error the page reported."""
-    import vl_convert
+    """Open the page offline, wait until every plot with data is drawn, take a full-page screenshot. Returns each
+    plot's ink (see `ink`) by its div id, and every error the page reported, each network request it attempted
+    among them."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
-    libraries = vl_convert.javascript_bundle("window.vegaEmbed = vegaEmbed; window.vega = vega; "
-                                             "window.vegaLite = vegaLite;", vl_version="5.8")
     errors: list[str] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         page.on("pageerror", lambda err: errors.append(f"page error: {err}"))
         page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-        # the first of the three CDN scripts gets all three libraries, the other two nothing
-        page.route(CDN + "**", lambda route: route.fulfill(
-            body=libraries if route.request.url.startswith(CDN + "vega@") else "",
-            content_type="application/javascript"))
+        # every request the page attempts is recorded, and all but those for the page's own files are refused
+        page.on("request", lambda request: None if request.url.startswith(("file:", "data:", "blob:")) else
+                errors.append(f"network request: {request.method} {request.url}"))
+        page.on("websocket", lambda socket: errors.append(f"network request: websocket {socket.url}"))
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:") else
+                   route.abort("internetdisconnected"))
         page.goto(html.as_uri())
         # each plot with data becomes a .vega-embed holding an svg or canvas (DVC writes `{}` for one without data)
-        page.wait_for_function(f"{json.dumps(plots_with_data(html))}.every(id => document.getElementById(id)"
-                               ".querySelector('.vega-embed svg, .vega-embed canvas'))", timeout=30_000)
+        try:
+            page.wait_for_function(f"{json.dumps(plots_with_data(html))}.every(id => document.getElementById(id)"
+                                   ".querySelector('.vega-embed svg, .vega-embed canvas'))", timeout=30_000)
+        except PlaywrightTimeout:
+            errors.append("not every plot with data was drawn within 30 s")
         page.wait_for_timeout(500)  # the last frame
         plots = {div.get_attribute("id"): ink(div.screenshot()) for div in page.locator("body > div[id]").all()
                  if div.bounding_box() and div.bounding_box()["height"] > 0}

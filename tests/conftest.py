@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from build_plots_page import template_path  # noqa: E402
 from make_dataset import instruction_pairs, related_sentences  # noqa: E402
 from pretrain_base import train_tokenizer  # noqa: E402
 
@@ -69,6 +70,14 @@ def workdir(tmp_path, monkeypatch, toy_model_dir) -> Path:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def copy_dvc_config(repo: Path) -> None:
+    """This repository's .dvc/config into a test repository after `dvc init`, with the page template its
+    plots.html_template names (relative to .dvc, as DVC resolves it): `dvc plots show` there writes the offline page."""
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")
+    template_path(repo).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(template_path(ROOT), template_path(repo))
 
 
 @pytest.fixture
