@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -67,6 +68,33 @@ def progress(iterable, total: int, desc: str):
             print(f"{desc}: {i}/{total} ({time.perf_counter() - started:.1f}s)", file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def fetching(model: ModelParams):
+    """A hub model that cannot be fetched is one line naming the model, the reason and the fixes, not a traceback
+    (transformers raises OSError with several lines; the hub client's own errors subclass it)."""
+    try:
+        yield
+    except OSError as err:
+        if Path(model.model_name).exists():
+            raise  # a local folder: the problem is with its files, and the error names them
+        text = str(err)
+        if "couldn't connect" in text or "offline" in text.lower() or "Connection" in text:
+            reason = "no connection to the Hugging Face hub and no copy in the local cache"
+        elif "gated" in text or "401" in text or "403" in text:
+            reason = "the hub refused access (a gated or private model needs a token with access)"
+        elif "not a valid model identifier" in text or "404" in text:
+            reason = "no such model on the hub, and no folder of that name here"
+        else:
+            reason = text.splitlines()[0] if text else type(err).__name__
+        name = model.model_name + (f" (revision {model.revision})" if model.revision else "")
+        offline = "HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched" \
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else "or set HF_HUB_OFFLINE=1 to use the cache"
+        raise StageError(
+            f"model.model_name: cannot fetch {name}: {reason}. Point model.model_name at a local copy (e.g. "
+            f"`huggingface-cli download {model.model_name} --local-dir models/mine`), set HF_TOKEN for a gated "
+            f"model, {offline}") from None
+
+
 def refuse_remote_code(model: ModelParams) -> None:
     """A model or tokenizer that ships its own Python code (`auto_map`) runs only when params opt in; reading the
     config JSON executes nothing."""
@@ -75,8 +103,9 @@ def refuse_remote_code(model: ModelParams) -> None:
     from transformers import PretrainedConfig
     from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
-    config, _ = PretrainedConfig.get_config_dict(model.model_name, revision=model.revision)
-    tokenizer_config = get_tokenizer_config(model.model_name, revision=model.revision)
+    with fetching(model):
+        config, _ = PretrainedConfig.get_config_dict(model.model_name, revision=model.revision)
+        tokenizer_config = get_tokenizer_config(model.model_name, revision=model.revision)
     for name, found in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
         if found.get("auto_map"):
             raise StageError(
@@ -88,14 +117,38 @@ def load_tokenizer(model: ModelParams):
     from transformers import AutoTokenizer
 
     refuse_remote_code(model)
-    tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision,
-                                              trust_remote_code=model.trust_remote_code)
+    with fetching(model):
+        tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
     if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
         raise StageError(f"model.model_name: the tokenizer of {model.model_name!r} has no EOS token, "
                          "so the model could not learn where a response ends")
     return tokenizer
+
+
+CHAT_TEMPLATE_MARKER = "{# dvc-finetune: params prepare.template, one user message #}"  # how predict knows it
+
+
+def chat_template(template: str) -> str:
+    """prepare.template as the tokenizer's Jinja chat template: one user message renders to exactly
+    `template.format(prompt=message)` with add_generation_prompt, and to the text up to the last {prompt} without
+    it; anything else is refused, as the model only ever saw single prompts. The template's text goes in as JSON
+    string literals, whose escapes Jinja reads alike, so none of it is Jinja syntax; and no text stands outside a
+    tag, where the tokenizer's trim_blocks/lstrip_blocks would eat whitespace."""
+    def literal(text: str) -> str:
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+    sentinel = "\x00prompt\x00"
+    *parts, generation_prompt = template.format(prompt=sentinel).split(sentinel)
+    content = "{{ messages[0]['content'] }}"
+    refusal = json.dumps("this model was fine-tuned on single prompts (params prepare.template): give one user message")
+    return (CHAT_TEMPLATE_MARKER
+            + "{% if messages | length != 1 or messages[0]['role'] != 'user' %}"
+            + "{{ raise_exception(" + refusal + ") }}{% endif %}"
+            + "".join(literal(part) + content for part in parts)
+            + "{% if add_generation_prompt %}" + literal(generation_prompt) + "{% endif %}")
 
 
 def quantization_config(quant: QuantizationParams):
@@ -120,9 +173,10 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     kwargs = {}
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
-    loaded = AutoModelForCausalLM.from_pretrained(
-        model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
-        attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
+    with fetching(model):
+        loaded = AutoModelForCausalLM.from_pretrained(
+            model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
+            attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
     if quantization is not None:
         unpacked_4bit_layers(loaded, all_layers=False)
     return loaded
@@ -193,10 +247,20 @@ def quiet_library_bars() -> None:
         logging.disable_progress_bar()
 
 
+def quiet_library_warnings() -> None:
+    """Library warnings that are not ours to fix and say nothing about the run, each silenced by its own text (and
+    bitsandbytes' import-time message in stages/__init__.py); anything else still shows."""
+    import warnings
+
+    # peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing` alias (peft 0.21, transformers 5)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def run_main(stage: Callable[[], None]) -> None:
     """Run a stage's main(): bad params or input exit 2 with the message, not a traceback; a file that cannot be
     read or written (a full disk, a read-only folder) exits 1 naming the file and the reason."""
     quiet_library_bars()
+    quiet_library_warnings()
     try:
         stage()
     except (ParamsError, StageError) as err:

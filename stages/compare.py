@@ -3,9 +3,13 @@
     dvc repro compare
     python -m stages.compare
 
-Reads metrics/eval_base.json and metrics/eval_finetuned.json (no params). Writes metrics/compare.json, with
-{"base": x, "finetuned": y, "delta": y - x} per metric, metrics/compare.md, and metrics/compare_scores.json: the
-quality scores on one 0-100 scale, drawn by `dvc plots show` as grouped bars (template stages/compare_bars.json).
+Reads metrics/eval_base.json and metrics/eval_finetuned.json (no params). Writes
+- metrics/headline.json: the fine-tuned model's headline scores (exact match, BLEU, ROUGE-L, eval loss; label
+  accuracy and F1 when the answers are labels), the columns `dvc exp show` leads with;
+- metrics/compare.json: fine-tuned minus base per metric (the values themselves are in the eval files);
+- metrics/compare.md: base vs fine-tuned, one row per metric, with the way each should move;
+- metrics/compare_scores.json: the quality scores on one 0-100 scale, drawn by `dvc plots show` as grouped bars
+  (template stages/compare_bars.json).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import StageError, write_text, run_main, write_json
-from stages.metrics import direction
+from stages.common import StageError, run_main, write_json, write_text
+from stages.metrics import HEADLINE, HEADLINE_FILE, better_when, nest, unnest
 from stages.params import load_params
 
 BASE_FILE, FINETUNED_FILE = Path("metrics/eval_base.json"), Path("metrics/eval_finetuned.json")
@@ -23,6 +27,7 @@ SCORES_FILE = Path("metrics/compare_scores.json")
 POINTS = ("exact_match", "bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL")
 FRACTIONS = ("token_accuracy", "token_f1", "label_accuracy", "label_f1")
 ARROWS = {"higher": "↑", "lower": "↓", "neutral": "·"}
+COMPARE_FILE = Path("metrics/compare.json")
 
 
 def compare(base: dict, finetuned: dict) -> dict[str, dict[str, float]]:
@@ -43,17 +48,21 @@ def bar_rows(table: dict[str, dict[str, float]]) -> list[dict]:
     return rows
 
 
+def headline(table: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {k: table[k]["finetuned"] for k in HEADLINE if k in table}
+
+
 def verdict(metric: str, delta: float) -> str:
-    way = direction(metric)
+    way = better_when(metric)
     if way == "neutral" or delta == 0:
         return ""
     return "better" if (delta > 0) == (way == "higher") else "worse"
 
 
 def markdown(table: dict[str, dict[str, float]]) -> str:
-    lines = ["| metric | better when | base | fine-tuned | delta | |", "|---|:-:|--:|--:|--:|---|"]
+    lines = ["| metric | better when | base model | fine-tuned | change | |", "|---|:-:|--:|--:|--:|---|"]
     for metric, row in table.items():
-        way = direction(metric)
+        way = better_when(metric)
         lines.append(f"| {metric} | {ARROWS[way]} {way} | {row['base']:.4g} | {row['finetuned']:.4g} "
                      f"| {row['delta']:+.4g} | {verdict(metric, row['delta'])} |")
     return "# Base vs fine-tuned on the test split\n\n" + "\n".join(lines) + "\n"
@@ -62,16 +71,18 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
 def load(path: Path) -> dict:
     if not path.exists():
         raise StageError(f"{path} not found: run the evaluate stages first (dvc repro evaluate evaluate_base)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return unnest(path, json.loads(path.read_text(encoding="utf-8")))
 
 
 def main() -> None:
     load_params()  # reads no params, but refuses to run on an invalid params.yaml like every stage
     table = compare(load(BASE_FILE), load(FINETUNED_FILE))
-    write_json("metrics/compare.json", table)
+    write_json(HEADLINE_FILE, headline(table))
+    write_json(COMPARE_FILE, nest(COMPARE_FILE, {k: row["delta"] for k, row in table.items()}))
     write_json(SCORES_FILE, bar_rows(table))
     write_text(Path("metrics/compare.md"), markdown(table))
-    print(markdown(table))
+    print("fine-tuned on the test split: " + ", ".join(f"{k} {v:g}" for k, v in headline(table).items())
+          + " (metrics/compare.md: every metric against the base model)")
 
 
 if __name__ == "__main__":

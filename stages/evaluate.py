@@ -14,7 +14,6 @@ outputs/predictions_<model>.jsonl (every prompt, reference and prediction) and m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -197,8 +196,10 @@ def main() -> None:
     write_jsonl(Path(f"outputs/predictions_{args.model}.jsonl"), records)
     write_json(Path(f"metrics/confusion_{args.model}.json"), confusion_rows(
         [r["prediction"] for r in records], [r["reference"] for r in records], params.evaluate))
-    write_json(Path(f"metrics/eval_{args.model}.json"), metrics)
-    print(json.dumps(metrics, indent=2))
+    path = f"metrics/eval_{args.model}.json"
+    write_json(Path(path), M.nest(path, metrics))
+    print(f"{args.model} on the test split: "
+          + ", ".join(f"{k} {metrics[k]:g}" for k in M.HEADLINE if k in metrics) + f"; every metric in {path}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@
     python -m stages.merge
     python -m stages.evaluate --model merged   # score the export like any other model
 
-Reads params `export` and `train.finetuned_dir`. The result loads with `AutoModelForCausalLM.from_pretrained`
-alone, no peft. LoRA merges into the fp32 base. QLoRA merges into the base loaded *unquantized*: the 4-bit weights
-saved memory while training, but rounding the merged weights back to 4 bits would lose the adapter's small updates.
-A full fine-tune is already standalone and is saved as is.
+Reads params `export`, `train.finetuned_dir` and evaluate's generation settings (`max_new_tokens`, `do_sample`,
+`temperature`, `top_p`, saved as the export's generation_config.json). The result loads with
+`AutoModelForCausalLM.from_pretrained` alone, no peft, and its tokenizer's chat template is the training prompt
+template (see stages/predict.py). LoRA merges into the fp32 base. QLoRA merges into the base loaded *unquantized*:
+the 4-bit weights saved memory while training, but rounding the merged weights back to 4 bits would lose the
+adapter's small updates. A full fine-tune is already standalone and is saved as is.
 
 Then it checks the export on export.check_examples test prompts and writes metrics/merge.json: greedy outputs and
 the largest logit difference of the reloaded merged model against the adapter on the same unquantized base (these
@@ -17,13 +19,13 @@ must agree: it is the same function, summed differently), and for QLoRA also aga
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
 from stages.evaluate import generate
+from stages.metrics import nest
 from stages.outputs import refuse_foreign, replacing
 from stages.params import EvaluateParams, Params, load_params
 
@@ -31,16 +33,39 @@ TEST_FILE = Path("data/prepared/test.jsonl")
 METRICS_FILE = Path("metrics/merge.json")
 
 
-def export(finetuned_dir: Path, merged_dir: Path) -> None:
+# what transformers refuses to save beside do_sample=False (a base's sampling defaults, e.g. an instruct model's)
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
+def generation_config(model, tokenizer, evaluate: EvaluateParams):
+    """The model's generation config with evaluate's settings and the tokenizer's EOS and padding ids, so that plain
+    `model.generate(**inputs)` on the export generates as the evaluate stage does (and stages.predict by default)."""
+    generation = model.generation_config
+    generation.update(do_sample=evaluate.do_sample, max_new_tokens=evaluate.max_new_tokens,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if evaluate.do_sample:
+        generation.update(temperature=evaluate.temperature, top_p=evaluate.top_p)
+    else:  # greedy ignores them
+        for flag in SAMPLING_ONLY:
+            if getattr(generation, flag, None) is not None:
+                setattr(generation, flag, None)
+    return generation
+
+
+def export(finetuned_dir: Path, merged_dir: Path, evaluate: EvaluateParams) -> None:
+    """The merged weights, the fine-tuned tokenizer (its chat template is prepare.template, written by train) and
+    generation_config.json with evaluate's generation settings."""
     from transformers import AutoTokenizer
 
     model = load_finetuned(finetuned_dir, quantized=False)
     if read_train_config(finetuned_dir)["train"]["method"] != "full":
         model = model.merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    model.generation_config = generation_config(model, tokenizer, evaluate)
     refuse_foreign(merged_dir, "model", "export.merged_dir")
     with replacing(merged_dir, "model", "export.merged_dir") as staged:
-        model.save_pretrained(staged)  # safetensors
-        AutoTokenizer.from_pretrained(finetuned_dir).save_pretrained(staged)
+        model.save_pretrained(staged)  # safetensors, and generation_config.json
+        tokenizer.save_pretrained(staged)
 
 
 @torch.no_grad()
@@ -63,7 +88,7 @@ def run(params: Params, test_file: Path = TEST_FILE) -> dict:
     method = read_train_config(finetuned_dir)["train"]["method"]
     if not test_file.exists():
         raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
-    export(finetuned_dir, merged_dir)
+    export(finetuned_dir, merged_dir, params.evaluate)
     print(f"merged {method} model saved to {merged_dir}")
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
@@ -81,8 +106,10 @@ def run(params: Params, test_file: Path = TEST_FILE) -> dict:
 
 def main() -> None:
     metrics = run(load_params(writes=("export.merged_dir",)))
-    write_json(METRICS_FILE, metrics)
-    print(json.dumps(metrics, indent=2))
+    write_json(METRICS_FILE, nest(METRICS_FILE, metrics))
+    print(f"the merged model agrees with the adapter on {metrics['greedy_agreement']:.0%} of "
+          f"{metrics['examples']} test prompts (largest logit difference {metrics['max_abs_logit_diff']:.2g}); "
+          f"{METRICS_FILE}")
 
 
 if __name__ == "__main__":

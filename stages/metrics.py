@@ -8,36 +8,102 @@ from __future__ import annotations
 
 import re
 import string
+from pathlib import Path
 
 import numpy as np
 
-# Which way a metric should move for a run to count as better (the compare stage and the review use this).
-LOWER_IS_BETTER = {"eval_loss", "perplexity", "repetition_rate", "label_unparseable", "max_abs_logit_diff",
-                   "padding_fraction", "truncated", "dropped_overlong", "peak_memory_mb", "base_weight_memory_mb"}
-NEUTRAL = {"mean_length", "examples", "steps", "epochs", "tokens_trained", "trainable_params", "total_params",
-           "effective_batch_size", "pruned_at_step", "learning_rate", "grad_norm"}  # informative, no better way
-# Measured on a shared machine: they vary from run to run, so a review flags them only when given a threshold.
-PERFORMANCE = {"tokens_per_second", "train_time_s", "wall_time_s", "peak_memory_mb"}
+# Every metric the pipeline writes, and which way it should move for a run to count as better. The review and the
+# compare table read this and nothing else; a test checks that every metric in every written file is declared here.
+#   higher / lower: a quality metric; moving the wrong way is a regression in the review.
+#   cost:           lower is better, but measured on a shared machine (time, memory, throughput), so it varies from
+#                   run to run: the review shows its direction and flags it only when given a --threshold of its own.
+#   neutral:        a description of the run (counts, settings, sizes): no better way, never a regression.
+HIGHER, LOWER, COST, NEUTRAL = "higher", "lower", "cost", "neutral"
+DIRECTIONS: dict[str, str] = {
+    # evaluate (metrics/eval_*.json), compare's deltas, the headline
+    "eval_loss": LOWER, "perplexity": LOWER, "token_accuracy": HIGHER, "token_precision": HIGHER,
+    "token_recall": HIGHER, "token_f1": HIGHER, "exact_match": HIGHER, "bleu": HIGHER, "sentence_bleu": HIGHER,
+    "rouge1": HIGHER, "rouge2": HIGHER, "rougeL": HIGHER, "distinct_1": HIGHER, "distinct_2": HIGHER,
+    "repetition_rate": LOWER, "mean_length": NEUTRAL, "examples": NEUTRAL,
+    "label_accuracy": HIGHER, "label_precision": HIGHER, "label_recall": HIGHER, "label_f1": HIGHER,
+    "label_unparseable": LOWER,
+    # prepare (metrics/prepare.json): sizes describe the data; bad records, truncation and drops lose some of it
+    "train_examples": NEUTRAL, "validation_examples": NEUTRAL, "test_examples": NEUTRAL,
+    "truncated": LOWER, "dropped_overlong": LOWER, "bad_records": LOWER,
+    "bad_invalid_utf8": LOWER, "bad_invalid_json": LOWER, "bad_not_an_object": LOWER, "bad_duplicate_key": LOWER,
+    "bad_field_count": LOWER, "bad_missing_field": LOWER, "bad_empty_field": LOWER, "bad_wrong_type": LOWER,
+    "bad_prompt_too_long": LOWER,
+    "tokens_p50": NEUTRAL, "tokens_p90": NEUTRAL, "tokens_p95": NEUTRAL, "tokens_p99": NEUTRAL, "tokens_max": NEUTRAL,
+    "tokens_mean": NEUTRAL, "supervised_tokens_train": NEUTRAL,
+    # train (metrics/train.json)
+    "final_train_loss": LOWER, "best_eval_loss": LOWER, "final_eval_loss": LOWER, "train_loss": LOWER,
+    "steps": NEUTRAL, "epochs": NEUTRAL, "epoch": NEUTRAL, "tokens_trained": NEUTRAL, "packing": NEUTRAL,
+    "padding_fraction": LOWER, "base_weight_memory_mb": LOWER, "effective_batch_size": NEUTRAL,
+    "trainable_params": NEUTRAL, "total_params": NEUTRAL, "pruned_at_step": NEUTRAL, "learning_rate": NEUTRAL,
+    "grad_norm": NEUTRAL,
+    "tokens_per_second": COST, "train_time_s": COST, "wall_time_s": COST, "elapsed_s": COST, "peak_memory_mb": COST,
+    # merge (metrics/merge.json): the export must behave as the adapter did
+    "greedy_agreement": HIGHER, "max_abs_logit_diff": LOWER,
+    "greedy_agreement_vs_4bit": HIGHER, "max_abs_logit_diff_vs_4bit": LOWER,
+}
+# `cost` metrics where more is better (everything else declared `cost` is better lower).
+MORE_IS_BETTER_COSTS = {"tokens_per_second"}
 
+# What `dvc exp show` should lead with: the fine-tuned model's scores on the test split (metrics/headline.json).
+HEADLINE = ("exact_match", "bleu", "rougeL", "eval_loss", "label_accuracy", "label_f1")
+
+# The metric files and the one key each nests its numbers under. Every column `dvc exp show` draws from them is
+# then unique (`training.steps`, `finetuned.bleu`): DVC prefixes a name found in two files with the file's path, and
+# one `--drop` pattern (DIAGNOSTICS_DROP, in the README) hides all of them, leaving the headline and the params.
+HEADLINE_FILE = "metrics/headline.json"
+GROUPS = {"metrics/prepare.json": "prepared", "metrics/train.json": "training", "metrics/eval_base.json": "base",
+          "metrics/eval_finetuned.json": "finetuned", "metrics/eval_merged.json": "merged",
+          "metrics/merge.json": "merge_check", "metrics/compare.json": "delta"}
+DIAGNOSTICS_DROP = "(prepared|training|base|finetuned|merge_check|delta)\\.|.*/"
 
 SUMMARY_STATS = ("mean", "min", "max", "last")  # of each training series, in metrics/train.json's `summary`
 
 
 def base_name(key: str) -> str:
-    """The metric a key measures: 'summary.eval_loss.min' -> 'eval_loss'; a nested 'a.b' -> 'b'."""
+    """The metric a key measures: 'training.summary.eval_loss.min' -> 'eval_loss'; 'finetuned.bleu' -> 'bleu'."""
     parts = key.split(".")
     return parts[-2] if len(parts) >= 2 and parts[-1] in SUMMARY_STATS else parts[-1]
 
 
 def direction(metric: str) -> str:
-    """'lower', 'higher' or 'neutral' (of a metric name, or a nested key such as 'summary.eval_loss.min')."""
-    metric = base_name(metric)
-    if metric in LOWER_IS_BETTER or metric.endswith(("_loss", "_time_s")) or metric.startswith("bad_"):
-        return "lower"
-    if metric in NEUTRAL or metric.endswith("_examples") or metric.startswith(("tokens_", "supervised_tokens")) \
-            and metric != "tokens_per_second":
-        return "neutral"
-    return "higher"
+    """'higher', 'lower', 'cost' or 'neutral' for a metric name or a nested key; KeyError for an undeclared one."""
+    name = base_name(metric)
+    if name not in DIRECTIONS:
+        raise KeyError(f"metric {metric!r} has no declared direction (stages/metrics.py DIRECTIONS)")
+    return DIRECTIONS[name]
+
+
+def better_when(metric: str) -> str:
+    """'higher', 'lower' or 'neutral': the way a metric is better, costs included."""
+    way = direction(metric)
+    if way == COST:
+        return HIGHER if base_name(metric) in MORE_IS_BETTER_COSTS else LOWER
+    return way
+
+
+def gates(metric: str) -> bool:
+    """Whether a worse value may fail the review by default: quality metrics do; costs (timings, memory,
+    throughput) only with a threshold of their own; descriptions and the training series' summary statistics
+    (`summary.*`, which restate the curves) never do."""
+    return direction(metric) in (HIGHER, LOWER) and ".summary." not in f".{metric}"
+
+
+def nest(path: str | Path, metrics: dict) -> dict:
+    """A metric file's content: its numbers under the file's group key (GROUPS)."""
+    return {GROUPS[Path(path).as_posix()]: metrics}
+
+
+def unnest(path: str | Path, data: dict) -> dict:
+    """The numbers of a metric file read back; a file written before the grouping (flat) reads as it is."""
+    group = GROUPS.get(Path(path).as_posix())
+    if group and set(data) == {group} and isinstance(data[group], dict):
+        return data[group]
+    return data
 
 
 def normalize(text: str) -> str:

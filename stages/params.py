@@ -45,6 +45,7 @@ class DataParams:
     validation_ratio: float = 0.05  # share of examples held out to pick checkpoints
     test_ratio: float = 0.1  # share held out for the evaluate stage; never trained on
     seed: int = 42  # fixes the split
+    stratify: Literal["auto"] | bool = "auto"  # auto: keep each label's share in every split if answers are labels
     on_bad_record: Literal["fail", "skip"] = "fail"  # fail at the first bad record, or skip and count them all
 
     def problems(self) -> list[str]:
@@ -147,6 +148,49 @@ class TrainParams:
             out.append("train.group_by_length: only applies without packing (packed rows have no padding to cut); "
                        "set train.packing: false to use it")
         return out
+
+
+WARMUP_SHARE = 0.25  # warmup longer than this share of the run leaves little of it at the full learning rate
+
+
+def optimizer_steps(train: TrainParams, train_examples: int) -> tuple[int, int]:
+    """(optimizer steps of the run, of one epoch) on one process, as transformers counts them: batches rounded up,
+    then accumulated batches rounded up, times the epochs rounded up. Packing lays a batch's examples into fewer
+    rows but keeps the examples per batch, so it leaves the count alone; more processes take fewer steps."""
+    batches = math.ceil(train_examples / train.per_device_train_batch_size)
+    per_epoch = max(math.ceil(batches / train.gradient_accumulation_steps), 1)
+    return (train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * per_epoch)), per_epoch
+
+
+def schedule_warnings(train: TrainParams, train_examples: int) -> list[str]:
+    """What in train's step-based schedule a run on `train_examples` examples would make pointless: warmup taking
+    much of the run, no validation or checkpoint before the last step, no training loss logged. One line each, for
+    the train stage to print. The step count is exact on one process and an upper bound on more, where each warning
+    holds all the more."""
+    steps, per_epoch = optimizer_steps(train, train_examples)
+    how = ("train.max_steps" if train.max_steps > 0 else
+           f"{train_examples} examples / batch {train.per_device_train_batch_size} x "
+           f"{train.gradient_accumulation_steps} accumulated = {per_epoch} per epoch, "
+           f"x {train.num_train_epochs:g} epochs")
+    run = f"this run's optimizer steps (at most {steps}: {how})"
+    every = max(steps // 4, 1)  # the suggestion: four times a run
+    out = []
+    if train.warmup_steps > WARMUP_SHARE * steps:
+        then = ("the learning rate never reaches train.learning_rate" if train.warmup_steps >= steps else
+                f"the learning rate peaks at step {train.warmup_steps} and decays to 0 over the last "
+                f"{steps - train.warmup_steps}")
+        out.append(f"train.warmup_steps: {train.warmup_steps} is {100 * min(train.warmup_steps / steps, 1):.0f}% or "
+                   f"more of {run}: {then}; about 10% ({max(round(steps / 10), 1)}) is typical")
+    if train.eval_steps >= steps:
+        out.append(f"train.eval_steps: {train.eval_steps} leaves no validation before the last of {run}, so "
+                   f"the validation loss is measured once, after training: no curve shows overfitting; e.g. {every}")
+    if train.save_steps >= steps:
+        out.append(f"train.save_steps: {train.save_steps} leaves no checkpoint before the last of {run}, so a run "
+                   f"stopped before the end starts over; e.g. {every}")
+    if train.logging_steps > steps:
+        out.append(f"train.logging_steps: {train.logging_steps} exceeds {run}, so no training loss is logged; "
+                   f"e.g. {every}")
+    return out
 
 
 @dataclass
@@ -351,6 +395,7 @@ PIPELINE_PATHS = {  # what no output folder may be, hold, or lie inside
     ".git": "git's repository", ".dvc": "DVC's folder", "stages": "the pipeline's code", "dvc.yaml": "dvc.yaml",
     "dvc.lock": "dvc.lock", "params.yaml": "params.yaml", "data/raw": "the raw data",
     "data/prepared": "the prepare stage's output", "metrics": "the metrics", "outputs": "the predictions",
+    "models/base_model.json": "the base model's identity (the base_model stage)",
 }
 
 

@@ -4,12 +4,14 @@
     python -m stages.review --base v1.2 --exp lora-search-3 --out review.md
     python -m stages.review --threshold exact_match=0.5 --threshold eval_loss=0.01
 
-Compares a base git ref (default `main`) with the workspace or an experiment: the params that changed
-(`dvc params diff`); every metric with base, new, delta and an arrow saying whether the change is good (lower is
-better for losses and perplexity, higher for the rest; see stages.metrics.direction); regressions worse than their
-threshold flagged; the training loss curves of both, rendered from DVC's own Vega-Lite plot (`dvc plots diff`) to
-PNG with vl-convert; and test examples whose predictions differ. Exits 1 when a regression is flagged, so CI can
-gate on it; 2 on bad input.
+Compares a git ref (`--base`, default `main`: "before") with the workspace or an experiment ("after"). The report
+leads with a verdict and the headline metrics of the fine-tuned model, then the params that changed
+(`dvc params diff`), then every other metric folded, each with before, after, change and an arrow saying whether
+the change is good (the directions declared in stages.metrics.DIRECTIONS); then the training loss curves of both,
+rendered from DVC's own Vega-Lite plot (`dvc plots diff`) to PNG with vl-convert, and test examples whose
+predictions differ. A quality metric that got worse by more than its threshold is a regression; timings, memory
+and throughput only with a --threshold of their own; counts, settings and the training series' summary
+statistics never. Prints one line; exits 1 when a regression is flagged, so CI can gate on it; 2 on bad input.
 """
 
 from __future__ import annotations
@@ -38,35 +40,47 @@ def revision(exp: str | None) -> list[str]:
     return [exp] if exp else []
 
 
+SKIPPED = ("metrics/compare.json", M.HEADLINE_FILE)  # restate the eval files: each metric is shown and gated once
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def metric_rows(base: str, exp: str | None, thresholds: dict[str, float], default_threshold: float) -> list[dict]:
-    """Every numeric metric of both revisions (compare.json is left out: it restates the eval files)."""
+    """Every numeric metric of both revisions, with the way it should move and whether its change is a regression:
+    a quality metric that got worse by more than its threshold (default_threshold unless given one); a cost (time,
+    memory, throughput) only when given a threshold of its own; descriptions and summary statistics never."""
     diff = dvc_json("metrics", "diff", base, *revision(exp), "--all")
     rows = []
     for path, found in sorted(diff.items()):
-        if path.endswith("compare.json"):
+        if path.endswith(SKIPPED):
             continue
         for key, change in sorted(found.items()):
             old, new = change.get("old"), change.get("new")
-            if not any(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new)):
+            if not (is_number(old) or is_number(new)):
                 continue
             name = M.base_name(key)
-            direction = M.direction(name)
-            numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (old, new))
-            delta = new - old if numeric else None
-            worse = bool(delta) and ((direction == "higher" and delta < 0) or (direction == "lower" and delta > 0))
+            try:
+                way, gating = M.better_when(key), M.gates(key)
+            except KeyError:  # a metric of another version of the pipeline: shown, never judged
+                way, gating = "undeclared", False
+            delta = new - old if is_number(old) and is_number(new) else None
+            worse = bool(delta) and ((way == "higher" and delta < 0) or (way == "lower" and delta > 0))
             threshold = thresholds.get(name, thresholds.get(f"{path}:{key}"))
-            if threshold is None and name not in M.PERFORMANCE:
+            if threshold is None and gating:
                 threshold = default_threshold
-            rows.append({"file": path, "metric": key, "base": old, "new": new, "delta": delta,
-                         "direction": direction, "better": None if not delta or direction == "neutral" else not worse,
+            rows.append({"file": path, "metric": key, "name": name, "base": old, "new": new, "delta": delta,
+                         "direction": way, "kind": "undeclared" if way == "undeclared" else M.direction(key),
+                         "better": None if not delta or way not in ("higher", "lower") else not worse,
                          "regression": bool(worse and threshold is not None and abs(delta) > threshold + 1e-12),
                          "threshold": threshold})
     return rows
 
 
 def arrow(row: dict) -> str:
-    if row["delta"] is None or row["delta"] == 0 or row["direction"] == "neutral":
-        return "→"
+    if row["delta"] is None or row["delta"] == 0 or row["better"] is None:
+        return "→" if row["direction"] != "undeclared" else "? (no declared direction)"
     up = "↑" if row["delta"] > 0 else "↓"
     return f"{up} {'better' if row['better'] else 'worse'}"
 
@@ -75,7 +89,7 @@ def number(value) -> str:
     return "—" if value is None else f"{value:.6g}"
 
 
-def params_table(base: str, exp: str | None) -> list[str]:
+def params_table(base: str, exp: str | None, new_name: str) -> list[str]:
     diff = dvc_json("params", "diff", base, *revision(exp))
     lines = []
     for path, found in sorted(diff.items()):
@@ -83,7 +97,7 @@ def params_table(base: str, exp: str | None) -> list[str]:
             lines.append(f"| `{key}` | {change.get('old')} | {change.get('new')} |")
     if not lines:
         return ["No params changed."]
-    return ["| param | base | new |", "|---|---|---|", *lines]
+    return [f"| param | `{base}` (before) | `{new_name}` (after) |", "|---|---|---|", *lines]
 
 
 def loss_plot(base: str, exp: str | None, out_dir: Path) -> Path | None:
@@ -114,7 +128,7 @@ def read_at(rev: str | None, path: str) -> list[dict] | None:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def differing_examples(base: str, exp: str | None, limit: int) -> list[str]:
+def differing_examples(base: str, exp: str | None, new_name: str, limit: int) -> list[str]:
     old, new = read_at(base, PREDICTIONS), read_at(exp, PREDICTIONS) if exp else None
     if exp is None and Path(PREDICTIONS).exists():
         new = read_jsonl(Path(PREDICTIONS))
@@ -123,8 +137,9 @@ def differing_examples(base: str, exp: str | None, limit: int) -> list[str]:
     before = {row["prompt"]: row for row in old}  # by prompt: a reordered or resized test split still pairs up
     pairs = [(before[b["prompt"]], b) for b in new
              if b["prompt"] in before and before[b["prompt"]]["prediction"] != b["prediction"]]
-    lines = [f"{len(pairs)} of {len(new)} test predictions differ; the first {min(limit, len(pairs))}:", "",
-             "| prompt | reference | base | new |", "|---|---|---|---|"]
+    lines = [f"{len(pairs)} of {len(new)} test predictions of the fine-tuned model differ; the first "
+             f"{min(limit, len(pairs))}:", "",
+             f"| prompt | reference | `{base}` (before) | `{new_name}` (after) |", "|---|---|---|---|"]
 
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")[:160]
@@ -135,27 +150,57 @@ def differing_examples(base: str, exp: str | None, limit: int) -> list[str]:
     return lines
 
 
+def change(row: dict) -> str:
+    return f"{row['name']} {number(row['base'])} → {number(row['new'])}"
+
+
+def verdict(rows: list[dict]) -> str:
+    regressions = [r for r in rows if r["regression"]]
+    if regressions:
+        return f"**Verdict: {len(regressions)} regression(s)**: " + ", ".join(map(change, regressions))
+    quality = [r for r in rows if r["kind"] in ("higher", "lower") and ".summary." not in f".{r['metric']}"]
+    better = sum(r["better"] is True for r in quality)
+    worse = sum(r["better"] is False for r in quality)
+    tail = f", {worse} worse within threshold" if worse else ""
+    return f"**Verdict: no regressions.** {better} quality metric(s) better{tail}, " \
+           f"{sum(r['delta'] == 0 for r in quality)} unchanged."
+
+
 def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, examples: int,
            image_url: str | None = None, default_threshold: float = 0.0) -> tuple[str, list[dict]]:
     rows = metric_rows(base, exp, thresholds, default_threshold)
     regressions = [r for r in rows if r["regression"]]
     new = exp or "workspace"
-    lines = [f"## Fine-tuning review: `{new}` vs `{base}`", ""]
-    lines.append(f"**{len(regressions)} regression(s) flagged**" if regressions else "No regressions flagged.")
-    lines += ["", "### Params", "", *params_table(base, exp), "", "### Metrics", ""]
-    header = ["| file | metric | base | new | delta | |", "|---|---|---|---|---|---|"]
+    header = [f"| file | metric | `{base}` (before) | `{new}` (after) | change | |", "|---|---|--:|--:|--:|---|"]
 
     def line(r: dict) -> str:
         flag = f" ⚠ regression (threshold {r['threshold']:g})" if r["regression"] else ""
         return (f"| {r['file']} | {r['metric']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | "
                 f"{arrow(r)}{flag} |")
 
-    changed = [r for r in rows if r["delta"] != 0]
-    same = [r for r in rows if r["delta"] == 0]
-    lines += [*header, *map(line, changed)] if changed else ["No metric changed."]
+    headline = sorted((r for r in rows if r["file"].endswith("eval_finetuned.json") and r["name"] in M.HEADLINE),
+                      key=lambda r: M.HEADLINE.index(r["name"]))
+    rest = [r for r in rows if r not in headline]
+    changed, same = [r for r in rest if r["delta"] != 0], [r for r in rest if r["delta"] == 0]
+    lines = [f"## Fine-tuning review: `{new}` (after) against `{base}` (before)", "", verdict(rows), "",
+             "### Headline: the fine-tuned model on the test split", ""]
+    if headline:
+        lines += [f"| metric | `{base}` (before) | `{new}` (after) | change | |", "|---|--:|--:|--:|---|"]
+        lines += [f"| {r['name']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | {arrow(r)}"
+                  f"{' ⚠ regression' if r['regression'] else ''} |" for r in headline]
+    else:
+        lines.append("No evaluation of the fine-tuned model at either revision.")
+    lines += ["", "### Params", "", *params_table(base, exp, new), "", "### Every other metric", ""]
+    flagged = [r for r in changed if r["regression"]]
+    if flagged:  # a regression is never folded away
+        lines += [*header, *map(line, flagged), ""]
+    rest_changed = [r for r in changed if not r["regression"]]
+    if rest_changed:
+        lines += [f"<details><summary>{len(rest_changed)} changed (timings, memory, training summaries, "
+                  "diagnostics)</summary>", "", *header, *map(line, rest_changed), "", "</details>", ""]
     if same:
-        lines += ["", f"<details><summary>{len(same)} unchanged metrics</summary>", "", *header, *map(line, same),
-                  "", "</details>"]
+        lines += [f"<details><summary>{len(same)} unchanged</summary>", "", *header, *map(line, same), "",
+                  "</details>"]
     image = loss_plot(base, exp, out.parent / (out.stem + "_plots"))
     lines += ["", "### Training loss", ""]
     if image and image_url:  # a PR comment cannot embed a file: link to where CI keeps it
@@ -164,15 +209,21 @@ def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, 
         lines.append(f"![training and validation loss, {base} vs {new}]({image.relative_to(out.parent)})")
     else:
         lines.append("No loss plot at either revision.")
-    lines += ["", "### Predictions that changed", "", *differing_examples(base, exp, examples), ""]
+    lines += ["", "### Predictions that changed", "", *differing_examples(base, exp, new, examples), ""]
     text = "\n".join(lines)
     write_text(out, text)
     return text, regressions
 
 
+def summary_line(rows: list[dict], out: Path, limit: int = 3) -> str:
+    """One short line for a terminal or a CI log; the report holds the rest."""
+    named = ", ".join(map(change, rows[:limit])) + (f" (+{len(rows) - limit} more)" if len(rows) > limit else "")
+    return f"{named}; report: {out}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Markdown review of a change's params, metrics, curves, outputs.")
-    parser.add_argument("--base", default="main", help="git ref to compare against (default main)")
+    parser.add_argument("--base", default="main", help="git ref to compare against, the 'before' side (default main)")
     parser.add_argument("--exp", default=None, help="an experiment name or git ref (default: the workspace)")
     parser.add_argument("--threshold", action="append", default=[], metavar="METRIC=VALUE",
                         help="allowed move in the wrong direction before METRIC is flagged as a regression")
@@ -193,13 +244,12 @@ def main() -> None:
             sep = ""
         if not sep or not key:
             raise StageError(f"--threshold {item!r}: expected METRIC=NUMBER, e.g. exact_match=0.5")
-    text, regressions = report(args.base, args.exp, thresholds, args.out, args.examples, args.image_url,
-                               args.default_threshold)
-    print(text)
+    _, regressions = report(args.base, args.exp, thresholds, args.out, args.examples, args.image_url,
+                            args.default_threshold)
     if regressions:
-        names = ", ".join(f"{r['metric']} ({number(r['base'])} → {number(r['new'])})" for r in regressions)
-        print(f"regression: {names}", file=sys.stderr)
+        print(f"regression: {summary_line(regressions, args.out)}", file=sys.stderr)
         sys.exit(1)
+    print(f"review of {args.exp or 'the workspace'} against {args.base}: no regressions; report: {args.out}")
 
 
 if __name__ == "__main__":

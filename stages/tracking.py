@@ -412,16 +412,15 @@ def warn(message: str) -> None:
 
 
 class StepLog(TrainerCallback):
-    """Each Trainer log (training every logging_steps, validation every eval_steps) as one record to every tracker;
-    in a log file (stderr not a terminal) also one plain progress line per log, instead of a progress bar."""
+    """Each Trainer log (training every logging_steps, validation every eval_steps) as one record to every tracker,
+    and one progress line on stderr: above the progress bar on a terminal, plain in a log file."""
 
     def __init__(self, tracking: Tracking, trainer, timer, elapsed_before: float = 0.0):
         self.tracking, self.trainer, self.timer = tracking, trainer, timer
         self.elapsed_before = elapsed_before  # of the run this one resumes
-        self.plain = not sys.stderr.isatty()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.perf_counter()
+        self.started, self.first_step = time.perf_counter(), state.global_step
         self.last = (self.trainer.tokens_real, self.timer.seconds)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -441,11 +440,30 @@ class StepLog(TrainerCallback):
             return  # one process logs for all
         record = {k: float(v) for k, v in record.items() if v is not None}
         self.tracking.log(state.global_step, record)
-        if self.plain:
-            print(progress_line(state.global_step, state.max_steps, record), file=sys.stderr, flush=True)
+        done = state.global_step - self.first_step  # steps of this session: a resumed run's rate is its own
+        left = (time.perf_counter() - self.started) / done * (state.max_steps - state.global_step) if done else None
+        line = progress_line(state.global_step, state.max_steps, record, left)
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stderr)  # above the bar, which stays at the bottom
+        else:
+            print(line, file=sys.stderr, flush=True)
 
 
-def progress_line(step: int, max_steps: int, record: dict[str, float]) -> str:
+def rough_duration(seconds: float) -> str:
+    """A remaining time as a person would say it: '~40s', '~3 min'. Steps of a shared machine vary by tens of
+    percent, so more digits would only make the estimate jump."""
+    if seconds < 60:
+        return f"~{max(5, round(seconds / 5) * 5)}s"
+    if seconds < 600:
+        return f"~{seconds / 60:.1f} min".replace(".0 min", " min")
+    return f"~{round(seconds / 60)} min"
+
+
+def progress_line(step: int, max_steps: int, record: dict[str, float], left: float | None = None) -> str:
+    """The README's step line: 'step 80/320 (25%): loss 0.6960, lr 0.00643, grad norm 2.87, 8,356 tokens/s,
+    8s elapsed, ~25s left'; for a validation, 'step 80/320: validation loss 0.5866'."""
     if "eval/loss" in record:
         return f"step {step}/{max_steps}: validation loss {record['eval/loss']:.4f}"
     line = f"step {step}/{max_steps} ({100 * step / max_steps:.0f}%): loss {record['train/loss']:.4f}"
@@ -455,8 +473,7 @@ def progress_line(step: int, max_steps: int, record: dict[str, float]) -> str:
         line += f", grad norm {record['train/grad_norm']:.3g}"
     if "train/tokens_per_second" in record:
         line += f", {record['train/tokens_per_second']:,.0f} tokens/s"
-    elapsed = record["train/elapsed_s"]
-    line += f", {elapsed:.0f}s elapsed"
-    if 0 < step < max_steps:
-        line += f", ~{elapsed / step * (max_steps - step):.0f}s left"
+    line += f", {record['train/elapsed_s']:.0f}s elapsed"
+    if left is not None and 0 < step < max_steps:
+        line += f", {rough_duration(left)} left"
     return line

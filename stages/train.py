@@ -6,11 +6,12 @@
     dvc exp run -S train.method=full -S train.learning_rate=5e-4
     python -m stages.train                   # the same, without DVC
 
-Reads params `model`, `train`, `lora`, `quantization`, `tracking` and `prepare.max_length` (the row length of packed
-batches, see stages/batching.py). Writes the adapter (or the full model) as safetensors, the tokenizer and
-train_config.json (the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to
-train.output_dir; metrics/train.json (including non-padding tokens/s, the padding fraction, and mean/min/max/last
-of every tracked series under `summary`); and the step metrics through DVCLive, to train.output_dir/live while the
+Reads params `model`, `train`, `lora`, `quantization`, `tracking`, `prepare.max_length` (the row length of packed
+batches, see stages/batching.py) and `prepare.template` (saved as the tokenizer's chat template). Writes the adapter
+(or the full model) as safetensors, the tokenizer, generation_config.json and train_config.json (the resolved
+config, device and precision) to train.finetuned_dir; Trainer checkpoints to train.output_dir; metrics/train.json
+(including non-padding tokens/s, the padding fraction, and mean/min/max/last of every tracked series under
+`summary`); and the step metrics through DVCLive, to train.output_dir/live while the
 run is in progress and to metrics/live once it has finished (the DVC plots `loss`, `learning_rate`, `grad_norm`,
 `throughput`), and to MLflow and W&B when params `tracking` enables them (stages/tracking.py). Method, quantization,
 device and precision are decided once, printed with the reason, and recorded in the metrics. Nothing of the last
@@ -31,13 +32,14 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from stages import metrics as M
 from stages.batching import PackedCollator, check_packing, real_tokens
-from stages.common import (IGNORE_INDEX, StageError, load_base_model, load_tokenizer, read_jsonl, run_main,
-                           unpacked_4bit_layers, write_json)
+from stages.common import (IGNORE_INDEX, StageError, chat_template, load_base_model, load_tokenizer, read_jsonl,
+                           run_main, unpacked_4bit_layers, write_json)
 from stages.outputs import CHECKPOINT_MARKER, claim, file_digest, refuse_foreign, replacing, written_files
-from stages.params import LoraParams, Params, TrainParams, as_dict, load_params
+from stages.params import LoraParams, Params, TrainParams, as_dict, load_params, schedule_warnings
 from stages.tracking import LIVE_DIR, RUN_STATE, StepLog, Tracking, read_series, summarize
 
 PREPARED_DIR = Path("data/prepared")
@@ -188,6 +190,13 @@ class TrialPruning(TrainerCallback):
                 control.should_training_stop = True
                 print(f"search: validation loss {metrics['eval_loss']:.4f} at step {state.global_step} trails the "
                       "other trials: stopping this trial early")
+
+
+class QuietProgressBar(ProgressCallback):
+    """The Trainer's progress bar, without the raw dict it writes for every log (StepLog writes a line instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
 
 
 def diverged(step: int, what: str, output_dir: str) -> Diverged:
@@ -354,6 +363,8 @@ def setup(params: Params, prepared_dir: Path = PREPARED_DIR, run_fingerprint: st
 
     set_seed(train.seed)
     train_rows, val_rows = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
+    for message in schedule_warnings(train, len(train_rows)):
+        print(f"warning: {message}", file=sys.stderr)
     tokenizer = load_tokenizer(params.model)
     # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies that
     # LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
@@ -400,11 +411,23 @@ def trainable_parameters(model) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
+def generation_defaults(model, tokenizer):
+    """The model's generation config with the saved tokenizer's EOS and padding ids (padding may be EOS, set by
+    load_tokenizer). The sampling settings are evaluate's, which train does not read (a generation change must not
+    retrain): the merge stage writes those into the export."""
+    generation = model.generation_config
+    generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    return generation
+
+
 def save_finetuned(params: Params, trainer, precision: Precision) -> None:
-    """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer and the resolved config,
-    written beside each other in a temporary folder, marked as ours and swapped into place at once."""
+    """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer with prepare.template as
+    its chat template, generation_config.json and the resolved config, written beside each other in a temporary
+    folder, marked as ours and swapped into place at once."""
     with replacing(Path(params.train.finetuned_dir), "model", "train.finetuned_dir") as staged:
         trainer.model.save_pretrained(staged)  # peft saves the adapter alone
+        generation_defaults(trainer.model, trainer.processing_class).save_pretrained(staged)
+        trainer.processing_class.chat_template = chat_template(params.prepare.template)
         trainer.processing_class.save_pretrained(staged)
         write_json(staged / "train_config.json", {
             "model": as_dict(params.model), "train": as_dict(params.train), "lora": as_dict(params.lora),
@@ -440,8 +463,10 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = 
     tracking = Tracking(params, output_dir, int(resume.name.split("-")[-1]) if resume else None, staged_live)
     elapsed = read_series(staged_live, "train/elapsed_s")
     trainer.add_callback(StepLog(tracking, trainer, timer, elapsed[-1][1] if elapsed else 0.0))
-    if not sys.stderr.isatty():  # StepLog prints one plain line per log instead of the Trainer's dict
-        trainer.remove_callback(PrinterCallback)
+    # StepLog prints one line per log; the Trainer's own printers would add each log again as a raw dict
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback):  # on a terminal: keep the bar, without its dicts
+        trainer.add_callback(QuietProgressBar)
     try:
         if resume and trained_through(resume):
             load_finished_training(trainer, resume)
@@ -456,7 +481,7 @@ def run(params: Params, prepared_dir: Path = PREPARED_DIR, metrics_file: Path = 
         refuse_foreign(live_dir, "live", str(live_dir))
         save_finetuned(params, trainer, precision)
         publish_history(staged_live, live_dir)
-        write_json(metrics_file, metrics)
+        write_json(metrics_file, M.nest(METRICS_FILE, metrics))
     except BaseException as err:
         tracking.finish({}, finetuned_dir, "killed" if isinstance(err, KeyboardInterrupt) else "failed")
         raise
@@ -531,7 +556,10 @@ def main() -> None:
     except KeyboardInterrupt:
         raise StageError(f"interrupted: nothing final was written; complete checkpoints in "
                          f"{params.train.output_dir} let the next run resume") from None
-    print(json.dumps(metrics, indent=2))
+    print(f"trained {metrics['steps']} steps in {metrics['train_time_s']:.1f}s "
+          f"({metrics['tokens_per_second'] or 0:,.0f} tokens/s): final training loss {metrics['final_train_loss']}, "
+          f"best validation loss {metrics['best_eval_loss']}; saved to {params.train.finetuned_dir}, "
+          f"every metric in {METRICS_FILE}")
 
 
 if __name__ == "__main__":

@@ -61,4 +61,5 @@ def test_directions():
     # the training series' summaries take the direction of their series
     assert M.direction("summary.eval_loss.min") == "lower" and M.direction("summary.train_loss.last") == "lower"
     assert M.direction("summary.learning_rate.max") == "neutral" and M.direction("summary.grad_norm.mean") == "neutral"
-    assert M.direction("summary.tokens_per_second.mean") == "higher"
+    assert M.direction("summary.tokens_per_second.mean") == "cost"  # measured: varies from run to run
+    assert M.better_when("summary.tokens_per_second.mean") == "higher"

@@ -16,7 +16,9 @@ import pytest
 import yaml
 
 import browser
-from stages.metrics import base_name
+from conftest import copy_dvc_config
+from stages.metrics import DIAGNOSTICS_DROP, base_name
+from test_daily_loop import undeclared
 
 pytestmark = pytest.mark.e2e
 
@@ -82,21 +84,30 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     sh(repo, "git", "init", "-q", "-b", "main")
     dvc(repo, "init", "-q")
     dvc(repo, "config", "core.analytics", "false")
+    copy_dvc_config(repo)  # the offline plots page: browser.render refuses every network request
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "toy pipeline")
 
     out = dvc(repo, "repro")
-    assert stages_run(out) == {"params", "prepare", "train", "evaluate_base", "evaluate", "merge", "compare"}
-    compare = json.loads((repo / "metrics/compare.json").read_text())
+    assert stages_run(out) == {"params", "base_model", "prepare", "train", "evaluate_base", "evaluate", "merge",
+                               "compare"}
+    read = {name: json.loads((repo / f"metrics/{name}.json").read_text())
+            for name in ("compare", "eval_base", "eval_finetuned", "merge", "prepare", "headline")}
     for metric in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL", "eval_loss", "perplexity"):
-        row = compare[metric]
-        assert row["delta"] == pytest.approx(row["finetuned"] - row["base"], abs=1e-5)
+        assert read["compare"]["delta"][metric] == pytest.approx(
+            read["eval_finetuned"]["finetuned"][metric] - read["eval_base"]["base"][metric], abs=1e-5)
+    assert read["headline"] == {k: read["eval_finetuned"]["finetuned"][k]
+                                for k in ("exact_match", "bleu", "rougeL", "eval_loss")}
+    assert undeclared(repo) == []  # every metric written has a declared direction
     assert (repo / "metrics/compare.md").read_text().startswith("# Base vs fine-tuned")
     assert (repo / "models/finetuned/adapter_model.safetensors").exists()
-    merge = json.loads((repo / "metrics/merge.json").read_text())
+    merge = read["merge"]["merge_check"]
     assert merge["greedy_agreement"] == 1.0 and merge["max_abs_logit_diff"] < 1e-3
     assert len((repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()) == \
-        json.loads((repo / "metrics/prepare.json").read_text())["test_examples"]
+        read["prepare"]["prepared"]["test_examples"]
+    # quiet: no library warnings that are not about the run, no metrics JSON dumped, one line per logging step
+    for noise in ("FutureWarning", "is_gradient_checkpointing", "gemm_4bit", '"summary": {', "{'loss'"):
+        assert noise not in out, noise
 
     # progress in a log: plain lines (one per logging step, 10% marks), no carriage-return redraws
     assert "\r" not in out and re.search(r"^step 6/6 \(100%\): loss [0-9.]+, lr", out, re.M)
@@ -104,7 +115,8 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     check_plots_page(repo, tmp_path / "plots.png")
 
     again = dvc(repo, "repro")
-    assert stages_run(again) == set() and "up to date" in again
+    assert stages_run(again) == {"base_model"}  # always runs: milliseconds to hash the model's files
+    assert "didn't change, skipping" in again and "unchanged" in again
     shown = json.loads(dvc(repo, "metrics", "show", "--json"))
     assert "metrics/train.json" in json.dumps(shown)
     sh(repo, "git", "add", "-A")
@@ -114,27 +126,39 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["max_new_tokens"] = 5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(dvc(repo, "repro")) == {"params", "evaluate_base", "evaluate", "compare"}
+    assert stages_run(dvc(repo, "repro")) == {"params", "base_model", "evaluate_base", "evaluate", "compare",
+                                              "merge"}  # merge saves the generation settings with the export
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "shorter generations")
 
     # A train param, as an experiment: train and everything downstream of it, and exp show reports its metrics.
     out = dvc(repo, "exp", "run", "-S", "train.learning_rate=0.001")
-    assert stages_run(out) == {"params", "train", "evaluate", "merge", "compare"}
+    assert stages_run(out) == {"params", "base_model", "train", "evaluate", "merge", "compare"}
+    # The README's comparison: one documented --drop leaves a row that fits 200 characters, the changed param
+    # and the headline in it (COLUMNS wide enough that rich truncates nothing).
+    shown = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--no-pager", "--only-changed", "--drop",
+                            DIAGNOSTICS_DROP], cwd=repo, env={**ENV, "COLUMNS": "1000"}, capture_output=True,
+                           text=True, check=True).stdout
+    rows = [line.rstrip() for line in shown.splitlines() if line.strip() and not set(line.strip()) <= {"─", "━"}]
+    header = rows[0]
+    assert "train.learning_rate" in header and "…" not in shown
+    assert all(name in header for name in ("exact_match", "bleu", "rougeL", "eval_loss")), header
+    assert header.index("exact_match") < header.index("train.learning_rate")  # the headline leads
+    assert max(map(len, rows)) <= 200, shown
     runs = find_runs(json.loads(dvc(repo, "exp", "show", "--json")))
     experiment = [r for r in runs
                   if r["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.001]
     baseline = [r for r in runs if r["data"]["params"]["params.yaml"]["data"]["train"]["learning_rate"] == 0.005]
     assert experiment and baseline
     metrics = experiment[0]["data"]["metrics"]
-    assert metrics["metrics/train.json"]["data"]["steps"] == 6
-    summary = metrics["metrics/train.json"]["data"]["summary"]
-    assert summary["eval_loss"]["min"] == pytest.approx(metrics["metrics/train.json"]["data"]["best_eval_loss"],
-                                                        rel=1e-5)
-    table = dvc(repo, "exp", "show", "--no-pager", "--md", "--sort-by", "summary.eval_loss.min",
-                "--drop", ".*", "--keep", "Experiment|summary.eval_loss.min|train.learning_rate")
-    assert "summary.eval_loss.min" in table.splitlines()[0] and f"{summary['eval_loss']['min']:.5g}" in table
-    assert "exact_match" in metrics["metrics/compare.json"]["data"]
+    training = metrics["metrics/train.json"]["data"]["training"]
+    assert training["steps"] == 6
+    summary = training["summary"]
+    assert summary["eval_loss"]["min"] == pytest.approx(training["best_eval_loss"], rel=1e-5)
+    table = dvc(repo, "exp", "show", "--no-pager", "--md", "--sort-by", "training.summary.eval_loss.min",
+                "--drop", ".*", "--keep", "Experiment|training.summary.eval_loss.min|train.learning_rate")
+    assert "training.summary.eval_loss.min" in table.splitlines()[0] and f"{summary['eval_loss']['min']:.5g}" in table
+    assert "exact_match" in metrics["metrics/compare.json"]["data"]["delta"]
     assert metrics["metrics/train.json"]["data"] != baseline[0]["data"]["metrics"]["metrics/train.json"]["data"]
 
     # Bad values set through -S get the same checks, and the failed run leaves every file as it was: the
@@ -157,22 +181,35 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     # to learn anything in the toy's 6 steps.
     same = review(repo, "--base", "main", "--exp", "main")
     assert same.returncode == 0, same.stderr
-    assert "No regressions flagged." in same.stdout and "No params changed." in same.stdout
+    assert "no regressions" in same.stdout and len(same.stdout.strip().splitlines()) == 1
+    assert "No params changed." in (repo / "review/review.md").read_text()
+    # A change that moves only timings (the kept checkpoints) is no regression, though train ran again.
+    dvc(repo, "exp", "run", "--name", "keep-3", "-S", "train.save_total_limit=3")
+    timing = review(repo, "--base", "main", "--exp", "keep-3", "--out", "review/keep-3.md")
+    assert timing.returncode == 0, timing.stderr
+    assert "no regressions" in timing.stdout
+    report = (repo / "review/keep-3.md").read_text()
+    assert "**Verdict: no regressions.**" in report and "| `train.save_total_limit` | 2 | 3 |" in report
+    assert "| metrics/train.json | training.train_time_s |" in report  # shown, folded, not judged
     dvc(repo, "exp", "run", "--temp", "--name", "tiny-lr", "-S", "train.learning_rate=1e-7",
         "-S", "tracking.mlflow.enabled=true", "-S", "tracking.wandb.enabled=true")  # W&B offline
     done = review(repo, "--base", "main", "--exp", "tiny-lr", "--out", "review/tiny-lr.md")
     assert done.returncode == 1, done.stderr
-    assert "regression: " in done.stderr
+    assert done.stderr.startswith("regression: ") and len(done.stderr) < 300 and "review/tiny-lr.md" in done.stderr
     report = (repo / "review/tiny-lr.md").read_text()
-    assert report.strip() in done.stdout
+    assert report.splitlines()[0] == "## Fine-tuning review: `tiny-lr` (after) against `main` (before)"
+    assert report.splitlines()[2].startswith("**Verdict: ") and "regression(s)**" in report.splitlines()[2]
     assert "| `train.learning_rate` | 0.005 | 1e-07 |" in report  # the params diff
-    eval_loss = next(line for line in report.splitlines() if "| eval_loss |" in line and "eval_finetuned" in line)
-    assert "↑ worse ⚠ regression" in eval_loss  # higher loss: an up arrow, worse, flagged
+    eval_loss = next(line for line in report.splitlines() if line.startswith("| eval_loss |"))
+    assert "↑ worse ⚠ regression" in eval_loss  # the headline table: higher loss, an up arrow, worse, flagged
+    assert report.index("| eval_loss |") < report.index("### Params") < report.index("<details>")
+    assert "| finetuned.eval_loss |" in report.split("### Every other metric")[1].split("<details>")[0]
     image = repo / "review/tiny-lr_plots/loss.png"
     assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 5000
     assert "![training and validation loss" in report and "tiny-lr_plots/loss.png" in report
     differ = re.search(r"(\d+) of (\d+) test predictions differ", report)
-    assert differ and 0 < int(differ[1]) <= int(differ[2]) and "| prompt | reference | base | new |" in report
+    assert differ and 0 < int(differ[1]) <= int(differ[2])
+    assert "| prompt | reference | `main` (before) | `tiny-lr` (after) |" in report
     overlaid = json.loads(dvc(repo, "plots", "diff", "main", "tiny-lr", "--json"))["data"]["loss"][0]
     assert set(overlaid["revisions"]) == {"main", "tiny-lr"}  # dvc plots diff: both runs' loss curves on one chart
     # the trackers: a temporary experiment (run in a copy under .dvc/tmp/exps) logs to the repository's own stores
@@ -187,7 +224,8 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     assert artifact_root.is_relative_to(repo / "mlruns") and (artifact_root / "adapter/adapter_config.json").exists()
 
     # thresholds wide enough for every regressed metric let the same change pass
-    regressed = {base_name(line.split("|")[2].strip()) for line in report.splitlines() if "⚠" in line}
+    regressed = {base_name(line.split("|")[2].strip()) for line in report.splitlines()
+                 if "⚠ regression (threshold" in line}  # the full table: | file | metric | ...
     wide = [arg for name in regressed for arg in ("--threshold", f"{name}=1e9")]
     assert review(repo, "--base", "main", "--exp", "tiny-lr", *wide).returncode == 0
 
@@ -254,8 +292,8 @@ def queued_runs_match_sequential_runs(repo: Path) -> None:
     for run in find_runs(json.loads(dvc(repo, "exp", "show", "--json"))):
         tokens = run["data"]["params"]["params.yaml"]["data"]["evaluate"]["max_new_tokens"]
         if run.get("name") and tokens in settings:
-            parallel.setdefault(tokens, []).append(run["data"]["metrics"]["metrics/compare.json"]["data"])
+            parallel.setdefault(tokens, []).append(run["data"]["metrics"]["metrics/compare.json"]["data"]["delta"])
     for tokens in sorted(set(settings)):  # one after another, in the workspace
         dvc(repo, "exp", "run", "-S", f"evaluate.max_new_tokens={tokens}")
-        sequential = json.loads((repo / "metrics/compare.json").read_text())
+        sequential = json.loads((repo / "metrics/compare.json").read_text())["delta"]
         assert len(parallel[tokens]) >= 2 and all(p == sequential for p in parallel[tokens]), tokens

@@ -3,11 +3,12 @@ import re
 
 import pytest
 import torch
+from conftest import ROOT
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from stages.common import IGNORE_INDEX, StageError, read_jsonl
-from stages.params import DataParams, PrepareParams, load_params
-from stages.prepare import BadRecords, Example, load_examples, run, split_examples, tokenize_example
+from stages.params import DataParams, EvaluateParams, PrepareParams, load_params
+from stages.prepare import BadRecords, Example, load_examples, run, split_examples, split_labels, tokenize_example
 
 
 @pytest.fixture
@@ -65,6 +66,12 @@ def test_split_is_seeded_disjoint_and_sized():
     assert a != split_examples(items, 0.05, 0.1, seed=4)
     assert [len(a[s]) for s in ("train", "validation", "test")] == [850, 50, 100]
     assert sorted(a["train"] + a["validation"] + a["test"]) == items
+
+
+def test_the_bundled_data_is_free_text_so_its_split_is_the_plain_one():
+    """data.stratify: auto stratifies label answers only, so the committed pipeline's split is the seeded shuffle."""
+    examples = load_examples(DataParams(), ROOT / DataParams().path)
+    assert split_labels([e.response for e in examples], DataParams(), EvaluateParams()) is None
 
 
 def test_instruction_input_output_fields_are_recognized(tmp_path):
