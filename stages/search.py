@@ -14,18 +14,27 @@ is stopped and started again runs only the trials it still owes; a trial cut off
 ("interrupted") and does not count. A failed trial is recorded with its error and the search goes on. With
 `pruner: median` (sequential runs), the train stage reports its validation loss to the study at every evaluation
 and stops early when the trial trails the median.
-Writes <out_dir>/leaderboard.json and leaderboard.md, sorted by the objective.
+
+While a trial runs, its own output (DVC's lines and the stages', e.g. the train stage's `step 80/320 (25%): ...`)
+is passed through with the trial's number in front (`[trial 2] step 80/320 ...`); queued trials' output is read
+from the log each DVC worker writes (what `dvc queue logs` prints). Trials are numbered 1..trials in the order they
+start (`trial 2 of 8`, `trials 3-4 of 8` for a parallel round); the experiment name carries Optuna's trial number.
+Writes <out_dir>/leaderboard.json and leaderboard.md, sorted by the objective and then by `objective.secondary`,
+which breaks ties; when the best trials tie on the objective, both say which trials and whether and how the tie
+was broken.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +42,16 @@ from pathlib import Path
 import yaml
 
 from stages.common import StageError, run_main, write_json, write_text
+from stages.metrics import unnest
 from stages.params import load_yaml
+from stages.train import METRICS_FILE as TRAIN_METRICS
 from stages.train import TRIAL_ENV  # set for a trial's `dvc exp run`: where the train stage reports for pruning
 
 STRATEGIES = ("grid", "random", "bayes")
 MEDIAN_PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 0}  # prune from the third trial on, at any evaluation
 SAMPLERS = ("tpe", "gp", "cmaes", "qmc")
+DIRECTIONS = ("maximize", "minimize")
+POLL_S = 2  # parallel: how often the queue is checked and the workers' new output passed through
 
 
 @dataclass
@@ -72,8 +85,10 @@ class SearchConfig:
     trials: int = 8
     parallel: int = 1
     seed: int = 0
-    metric: str = "metrics/eval_finetuned.json:exact_match"
+    metric: str = "metrics/headline.json:exact_match"
     direction: str = "maximize"
+    secondary: str | None = None  # file:key that ranks trials tying on the objective
+    secondary_direction: str = "minimize"
     pruner: str = "none"
     overrides: dict = field(default_factory=dict)
     study_name: str = "search"
@@ -81,12 +96,19 @@ class SearchConfig:
     out_dir: str = "search"
 
     @property
-    def metric_file(self) -> str:
-        return self.metric.split(":", 1)[0]
-
-    @property
     def metric_key(self) -> str:
         return self.metric.split(":", 1)[1]
+
+    @property
+    def secondary_key(self) -> str | None:
+        return self.secondary.split(":", 1)[1] if self.secondary else None
+
+
+def metric_problem(where: str, metric) -> list[str]:
+    if isinstance(metric, str) and all(metric.partition(":")[::2]):
+        return []
+    return [(f"{where}: {metric!r} must be <metrics file>:<key>, e.g. metrics/headline.json:exact_match "
+            "(a dotted key reads a nested one: metrics/eval_finetuned.json:finetuned.exact_match)")]
 
 
 def load_config(path: Path) -> SearchConfig:
@@ -102,11 +124,30 @@ def load_config(path: Path) -> SearchConfig:
              "overrides", "space", "study_name", "storage", "out_dir"}
     problems += [f"{path}: {key}: unknown key (known: {', '.join(sorted(known))})" for key in raw if key not in known]
     objective = raw.get("objective") or {}
+    if not isinstance(objective, dict):
+        problems.append(f"{path}: objective: expected a mapping like {{metric: {SearchConfig.metric}, "
+                        "direction: maximize}")
+        objective = {}
+    problems += [f"{path}: objective.{key}: unknown key (known: direction, metric, secondary)"
+                 for key in objective if key not in ("metric", "direction", "secondary")]
+    secondary = objective.get("secondary")
+    if secondary is not None and not isinstance(secondary, dict):
+        problems.append(f"{path}: objective.secondary: expected a mapping like "
+                        "{metric: metrics/headline.json:eval_loss, direction: minimize}")
+        secondary = None
+    for key in secondary or {}:
+        if key not in ("metric", "direction"):
+            problems.append(f"{path}: objective.secondary.{key}: unknown key (known: direction, metric)")
+    for key in ("metric", "direction"):  # no default: a tie broken the wrong way is worse than one left standing
+        if secondary is not None and key not in secondary:
+            problems.append(f"{path}: objective.secondary.{key}: missing")
     if raw.get("overrides") is None:
         raw["overrides"] = {}
     config = SearchConfig(space=[], **{k: raw[k] for k in known - {"objective", "space"} if k in raw},
                           metric=objective.get("metric", SearchConfig.metric),
-                          direction=objective.get("direction", SearchConfig.direction))
+                          direction=objective.get("direction", SearchConfig.direction),
+                          secondary=(secondary or {}).get("metric"),
+                          secondary_direction=(secondary or {}).get("direction", SearchConfig.secondary_direction))
     if config.strategy not in STRATEGIES:
         problems.append(f"{path}: strategy: {config.strategy!r} is not one of {', '.join(STRATEGIES)}")
     if config.sampler not in SAMPLERS:
@@ -124,11 +165,17 @@ def load_config(path: Path) -> SearchConfig:
             import cmaes  # noqa: F401
         except ImportError:
             problems.append(f"{path}: sampler: cmaes needs the cmaes package (pip install cmaes)")
-    if config.direction not in ("maximize", "minimize"):
+    if config.direction not in DIRECTIONS:
         problems.append(f"{path}: objective.direction: {config.direction!r} is not maximize or minimize")
-    if ":" not in config.metric:
-        problems.append(f"{path}: objective.metric: {config.metric!r} must be <metrics file>:<key>, "
-                        "e.g. metrics/eval_finetuned.json:exact_match")
+    problems += metric_problem(f"{path}: objective.metric", config.metric)
+    if secondary is not None and "metric" in secondary:
+        problems += metric_problem(f"{path}: objective.secondary.metric", config.secondary)
+        if config.secondary == config.metric:
+            problems.append(f"{path}: objective.secondary.metric: {config.secondary!r} is the objective itself; "
+                            "it cannot break a tie on it")
+    if secondary is not None and config.secondary_direction not in DIRECTIONS:
+        problems.append(f"{path}: objective.secondary.direction: {config.secondary_direction!r} is not maximize "
+                        "or minimize")
     if not isinstance(config.overrides, dict):
         problems.append(f"{path}: overrides: expected a mapping of param: value")
     space = raw.get("space") or {}
@@ -209,6 +256,18 @@ def dvc(*args: str, env: dict | None = None, check: bool = True) -> subprocess.C
     return done
 
 
+def start_workers(workers: int) -> None:
+    """`dvc queue start -j workers`. The workers outlive it and hold on to whatever output it was given: with pipes,
+    waiting for it would wait for every queued trial to end, so its output goes to a file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the stages' prints reach the workers' logs as they are made
+    with tempfile.TemporaryFile("w+") as output:
+        done = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(workers)], stdout=output,
+                              stderr=subprocess.STDOUT, text=True, env=env, check=False)
+        if done.returncode:
+            output.seek(0)
+            raise StageError(f"dvc queue start -j {workers} failed:\n{output.read().strip()}")
+
+
 def set_param(key: str, value) -> str:
     """-S key=value with the value as YAML, the way DVC parses it."""
     return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
@@ -228,27 +287,44 @@ def experiment_json(ref: str, path: str) -> dict | None:
     return json.loads(shown.stdout) if shown.returncode == 0 else None
 
 
-def objective_value(config: SearchConfig, ref: str) -> float:
-    metrics = experiment_json(ref, config.metric_file)
-    if metrics is None:
-        raise StageError(f"objective.metric: the experiment has no {config.metric_file}")
-    value = metrics
-    for part in config.metric_key.split("."):
+def lookup(metrics: dict, key: str, where: str) -> float:
+    """The number at `key` in a metric file's content; a dotted key reads a nested one
+    (`finetuned.exact_match` in metrics/eval_finetuned.json's {"finetuned": {"exact_match": ...}})."""
+    value, parts = metrics, key.split(".")
+    if key in metrics:  # a flat key that has a dot in its name
+        value, parts = metrics[key], []
+    for depth, part in enumerate(parts):
         if not isinstance(value, dict) or part not in value:
-            raise StageError(f"objective.metric: {config.metric_file} has no key {config.metric_key!r} "
-                             f"(it has: {', '.join(sorted(metrics))})")
+            under = f" under {'.'.join(parts[:depth])!r}" if depth else ""
+            found = ", ".join(sorted(value)) if isinstance(value, dict) else f"a {type(value).__name__}"
+            raise StageError(f"{where}: no key {part!r}{under} (found: {found})")
         value = value[part]
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise StageError(f"objective.metric: {config.metric} is {value!r}, not a number") from None
+        raise StageError(f"{where}: {key} is {value!r}, not a number") from None
     if not math.isfinite(number):
-        raise StageError(f"objective.metric: {config.metric} is {number}")
+        raise StageError(f"{where}: {key} is {number}")
     return number
 
 
-def tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.strip().splitlines()[-lines:])
+def metric_value(metric: str, ref: str, name: str = "objective.metric") -> float:
+    """`metric` (file:key) as the experiment at `ref` committed it; `name` is the search.yaml key it came from."""
+    path, key = metric.split(":", 1)
+    metrics = experiment_json(ref, path)
+    if metrics is None:
+        raise StageError(f"{name}: the experiment has no {path}")
+    return lookup(metrics, key, f"{name}: {path}")
+
+
+def objective_value(config: SearchConfig, ref: str) -> float:
+    return metric_value(config.metric, ref)
+
+
+def training_metrics(ref: str) -> dict:
+    """The experiment's metrics/train.json: nested under its group key ({"training": {...}}) since the metric files
+    were grouped, flat in experiments made before; both read the same."""
+    return unnest(TRAIN_METRICS, experiment_json(ref, TRAIN_METRICS.as_posix()) or {})
 
 
 # The search
@@ -263,16 +339,17 @@ def settle_interrupted(study, config: SearchConfig) -> None:
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        ref = experiment_ref(experiment_name(config, trial.number))
+        name = experiment_name(config, trial.number)
+        ref = experiment_ref(name)
         if ref is not None:
             try:
                 study.tell(trial.number, objective_value(config, ref))
-                print(f"trial {trial.number}: finished before the stop; recorded")
+                print(f"{name}: finished before the stop; recorded")
                 continue
             except StageError:
                 pass
         study.tell(trial.number, state=TrialState.FAIL)
-        print(f"trial {trial.number}: interrupted; it will be run again as a new trial")
+        print(f"{name}: interrupted; its trial runs again as a new experiment")
 
 
 def counted(trial) -> bool:
@@ -283,14 +360,46 @@ def counted(trial) -> bool:
         trial.state == TrialState.FAIL and "error" in trial.user_attrs)
 
 
-def record(study, trial, config: SearchConfig, ok: bool, error: str = "") -> None:
+def round_lines(first: int, total: int, strategy: str, trials: list[tuple[str, dict]]) -> list[str]:
+    """What a round of trials announces: `trial 2 of 8 (bayes): ...`, or for a parallel round `trials 3-4 of 8`
+    and a line per trial. Numbers count the trials of this search from 1; the names carry Optuna's number."""
+    described = [f"{name} with {', '.join(f'{key}={cell(value)}' for key, value in values.items())}"
+                 for name, values in trials]
+    if len(trials) == 1:
+        return [f"trial {first} of {total} ({strategy}): {described[0]}"]
+    return [f"trials {first}-{first + len(trials) - 1} of {total} ({strategy}, {len(trials)} at a time):"] + [
+        f"  trial {first + i}: {line}" for i, line in enumerate(described)]
+
+
+class Relay:
+    """A running trial's output, passed through line by line with the trial's number in front; the last lines are
+    kept as the error of a trial that fails."""
+
+    def __init__(self, number: int):
+        self.prefix = f"[trial {number}]"
+        self.last: collections.deque[str] = collections.deque(maxlen=15)
+
+    def __call__(self, line: str) -> None:
+        line = line.rstrip()
+        if line.strip():
+            print(f"{self.prefix} {line}", flush=True)
+            self.last.append(line)
+
+    def tail(self) -> str:
+        return "\n".join(self.last)
+
+
+def record(study, trial, config: SearchConfig, label: str, ok: bool, error: str = "") -> None:
+    """Tell the study how a trial went, reading its objective (and secondary metric) back from its experiment."""
     from optuna.trial import TrialState
 
     name = trial.user_attrs["experiment"]
+    label = f"{label} ({name})"
     if not ok:
         trial.set_user_attr("error", error or "failed")
         study.tell(trial, state=TrialState.FAIL)
-        print(f"trial {trial.number} ({name}): FAILED\n{error}")
+        # its output has been shown as it ran (the tail is kept in the study, for the leaderboard)
+        print(f"{label}: FAILED: {(error or 'failed').splitlines()[-1]}", flush=True)
         return
     ref = experiment_ref(name)
     try:
@@ -300,48 +409,105 @@ def record(study, trial, config: SearchConfig, ok: bool, error: str = "") -> Non
     except StageError as err:
         trial.set_user_attr("error", str(err))
         study.tell(trial, state=TrialState.FAIL)
-        print(f"trial {trial.number} ({name}): FAILED: {err}")
+        print(f"{label}: FAILED: {err}", flush=True)
         return
-    train_metrics = experiment_json(ref, "metrics/train.json") or {}
+    secondary = ""
+    if config.secondary:  # recorded with its name: a later search.yaml may name another one
+        try:
+            second = metric_value(config.secondary, ref, "objective.secondary.metric")
+            trial.set_user_attr("secondary", {"metric": config.secondary, "value": second})
+            secondary = f" ({config.secondary_key} {second:g})"
+        except StageError as err:
+            print(f"{label}: warning: {err}; a tie with this trial cannot be broken", flush=True)
+    train_metrics = training_metrics(ref)
     if train_metrics.get("pruned_at_step"):
         trial.set_user_attr("pruned_at_step", train_metrics["pruned_at_step"])
         trial.set_user_attr("value_when_pruned", value)
         study.tell(trial, state=TrialState.PRUNED)
-        print(f"trial {trial.number} ({name}): pruned at step {train_metrics['pruned_at_step']}")
+        print(f"{label}: pruned at step {train_metrics['pruned_at_step']}", flush=True)
         return
     study.tell(trial, value)
-    print(f"trial {trial.number} ({name}): {config.metric_key} = {value:g}")
+    print(f"{label}: {config.metric_key} = {value:g}{secondary}", flush=True)
 
 
-def run_sequential(study, trial, config: SearchConfig, settings: list[str], storage_url: str) -> None:
+def run_sequential(study, trial, config: SearchConfig, settings: list[str], storage_url: str, number: int,
+                   label: str) -> None:
     name = trial.user_attrs["experiment"]
-    env = dict(os.environ)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the stages' prints arrive as they are made, not at the end
     if config.pruner != "none":
         env[TRIAL_ENV] = json.dumps({"storage": storage_url, "study": config.study_name,
                                      "trial_id": trial._trial_id, "median_pruner": MEDIAN_PRUNER})
-    done = dvc("exp", "run", "--temp", "--name", name, *settings, env=env, check=False)
-    record(study, trial, config, done.returncode == 0, tail(done.stderr or done.stdout))
+    relay = Relay(number)
+    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *settings]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env=env) as proc:
+        for line in proc.stdout:
+            relay(line)
+    record(study, trial, config, label, proc.returncode == 0, relay.tail())
 
 
-def run_queued(study, trials: list, config: SearchConfig, settings: dict[int, list[str]]) -> None:
+def queue_processes():
+    """DVC's record of the processes its queue workers run: each queued experiment's output goes to a log file, the
+    one `dvc queue logs` prints. Reading it here costs nothing; `dvc queue logs` per trial per poll costs a second."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        return repo.experiments.celery_queue.proc
+
+
+@dataclass
+class QueuedTrial:
+    trial: object
+    label: str  # trial <n> of <total>
+    relay: Relay
+    log: Path | None = None  # the worker's output, once it has one
+    offset: int = 0  # how much of it has been passed through
+
+    def pass_through(self, final: bool = False) -> None:
+        """The lines the worker has written since the last call (and, when final, an unfinished last one)."""
+        if self.log is None or not self.log.exists():
+            return
+        with self.log.open("rb") as log:
+            log.seek(self.offset)
+            written = log.read()
+        end = len(written) if final else written.rfind(b"\n") + 1
+        self.offset += end
+        for line in written[:end].decode(errors="replace").splitlines():
+            self.relay(line)
+
+
+def run_queued(study, trials: list, config: SearchConfig, settings: dict[int, list[str]],
+               numbers: dict[int, int], labels: dict[int, str]) -> None:
+    processes = queue_processes()
+    earlier = set(processes)  # runs of earlier searches, one maybe under the same name
     for trial in trials:
         dvc("exp", "run", "--queue", "--name", trial.user_attrs["experiment"], *settings[trial.number])
-    dvc("queue", "start", "-j", str(config.parallel))
-    names = {trial.user_attrs["experiment"] for trial in trials}
+    start_workers(config.parallel)
+    queued = {trial.user_attrs["experiment"]: QueuedTrial(trial, labels[trial.number], Relay(numbers[trial.number]))
+              for trial in trials}
     while True:
-        status = dvc("queue", "status").stdout
-        rows = [line.split() for line in status.splitlines()]
-        if not any(len(r) > 2 and r[1] in names and r[-1] in ("Queued", "Running") for r in rows):
+        rows = [line.split() for line in dvc("queue", "status").stdout.splitlines()]
+        for row in rows:  # task (the start of DVC's id for the run), name, created, status
+            if len(row) > 2 and row[1] in queued and queued[row[1]].log is None:
+                run = next((key for key in processes if key.startswith(row[0]) and key not in earlier), None)
+                info = processes.get(run) if run else None
+                queued[row[1]].log = Path(info.stdout) if info and info.stdout else None
+        for each in queued.values():
+            each.pass_through()
+        if not any(len(r) > 2 and r[1] in queued and r[-1] in ("Queued", "Running") for r in rows):
             break
-        time.sleep(2)
+        time.sleep(POLL_S)
     dvc("queue", "stop", check=False)
-    for trial in trials:
-        name = trial.user_attrs["experiment"]
+    for name, each in queued.items():
+        each.pass_through(final=True)
         if experiment_ref(name) is None:
-            logs = dvc("queue", "logs", name, check=False)
-            record(study, trial, config, False, tail(logs.stdout + logs.stderr))
+            output = each.relay.tail()
+            if not output:  # failed before its run started: DVC says why
+                logs = dvc("queue", "logs", name, check=False)
+                output = "\n".join((logs.stdout + logs.stderr).strip().splitlines()[-15:])
+            record(study, each.trial, config, each.label, False, output)
         else:
-            record(study, trial, config, True)
+            record(study, each.trial, config, each.label, True)
 
 
 def search(config: SearchConfig) -> dict:
@@ -354,6 +520,7 @@ def search(config: SearchConfig) -> dict:
         else optuna.pruners.NopPruner()
     study = optuna.create_study(storage=storage_url, study_name=config.study_name, direction=config.direction,
                                 sampler=sampler(config), pruner=pruner, load_if_exists=True)
+    # what the trials' values mean; not the secondary metric, which only orders ties in the leaderboard
     identity = {"strategy": config.strategy, "metric": config.metric, "direction": config.direction,
                 "space": [vars(d) for d in config.space], "overrides": config.overrides}
     stored = study.user_attrs.get("config")
@@ -367,24 +534,85 @@ def search(config: SearchConfig) -> dict:
     total = budget(config)
     while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) < total:
         batch = min(config.parallel, total - done)
-        print(f"trials {done + 1}-{done + batch} of {total} ({config.strategy})")
-        trials, settings = [], {}
         if config.strategy == "grid":
             for point in next_grid_points(study, config, batch):
                 study.enqueue_trial(point)  # ask() hands these out first
-        for _ in range(batch):
+        trials, settings, chosen, numbers, labels = [], {}, [], {}, {}
+        for i in range(batch):
             trial = study.ask()
             values = {d.name: d.suggest(trial, config.strategy) for d in config.space}
             trial.set_user_attr("experiment", experiment_name(config, trial.number))
             trial.set_user_attr("overrides", config.overrides)
             settings[trial.number] = [arg for key, value in {**config.overrides, **values}.items()
                                       for arg in ("-S", set_param(key, value))]
+            numbers[trial.number] = done + 1 + i  # an interrupted trial's number goes to the one run instead
+            labels[trial.number] = f"trial {done + 1 + i} of {total}"
+            chosen.append((trial.user_attrs["experiment"], values))
             trials.append(trial)
+        print("\n".join(round_lines(done + 1, total, config.strategy, chosen)), flush=True)
         if config.parallel == 1:
-            run_sequential(study, trials[0], config, settings[trials[0].number], storage_url)
+            number = trials[0].number
+            run_sequential(study, trials[0], config, settings[number], storage_url, numbers[number], labels[number])
         else:
-            run_queued(study, trials, config, settings)
+            run_queued(study, trials, config, settings, numbers, labels)
     return leaderboard(study, config)
+
+
+# The leaderboard
+
+
+def secondary_of(trial, config: SearchConfig) -> float | None:
+    """A trial's tie-breaker as recorded when it finished; else (a trial settled after a stop, or recorded under
+    another secondary metric) read from its experiment; None when it has none."""
+    if not config.secondary:
+        return None
+    recorded = trial.user_attrs.get("secondary") or {}
+    if recorded.get("metric") == config.secondary:
+        return recorded["value"]
+    ref = experiment_ref(trial.user_attrs["experiment"]) if "experiment" in trial.user_attrs else None
+    try:
+        return metric_value(config.secondary, ref, "objective.secondary.metric") if ref else None
+    except StageError:
+        return None
+
+
+def rank_key(row: dict, config: SearchConfig) -> tuple:
+    """By the objective, then the secondary metric (which orders ties), then the trial's number; no value last."""
+    sign = -1 if config.direction == "maximize" else 1
+    second_sign = -1 if config.secondary_direction == "maximize" else 1
+    value, second = row["value"], row["secondary"]
+    return (value is None, sign * value if value is not None else 0,
+            second is None, second_sign * second if second is not None else 0, row["trial"])
+
+
+def join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def best_tie(rows: list[dict], config: SearchConfig) -> dict | None:
+    """When the best trials (rows, ranked) tie on the objective: which, and whether and how the tie was broken."""
+    if not rows or rows[0]["value"] is None:
+        return None
+    tied = [row for row in rows if row["value"] == rows[0]["value"]]  # equal counts give equal scores exactly
+    if len(tied) < 2:
+        return None
+    names = [row["experiment"] for row in tied]
+    still = [row["experiment"] for row in tied if row["secondary"] == tied[0]["secondary"]]
+    summary = f"the best trials tie on {config.metric_key} = {tied[0]['value']:g}: {join(names)}"
+    if not config.secondary:
+        summary += "; not broken: search.yaml names no objective.secondary to break it"
+    elif tied[0]["secondary"] is None:
+        summary += f"; not broken: none of them has {config.secondary}"
+    elif len(still) > 1:
+        summary += f"; not broken: {join(still)} also tie on {config.secondary_key} = {tied[0]['secondary']:g}"
+    else:
+        values = ", ".join(f"{row['experiment']} {row['secondary']:g}" if row["secondary"] is not None
+                           else f"{row['experiment']} none" for row in tied)
+        summary += f"; broken by {config.secondary_key} ({config.secondary_direction}): {values}"
+    return {"trials": names, "value": tied[0]["value"], "broken": len(still) == 1,
+            "broken_by": config.secondary if len(still) == 1 else None,
+            "secondary_values": {row["experiment"]: row["secondary"] for row in tied},
+            "still_tied": still if len(still) > 1 else [], "summary": summary}
 
 
 def leaderboard(study, config: SearchConfig) -> dict:
@@ -396,13 +624,15 @@ def leaderboard(study, config: SearchConfig) -> dict:
             continue  # interrupted and re-run as another trial
         value = trial.value if trial.state == TrialState.COMPLETE else None  # a pruned trial's value is a loss
         rows.append({"trial": trial.number, "experiment": trial.user_attrs.get("experiment"),
-                     "state": trial.state.name.lower(), "value": value, "params": trial.params,
+                     "state": trial.state.name.lower(), "value": value,
+                     "secondary": secondary_of(trial, config) if value is not None else None, "params": trial.params,
                      "error": trial.user_attrs.get("error"), "pruned_at_step": trial.user_attrs.get("pruned_at_step")})
-    sign = -1 if config.direction == "maximize" else 1
-    rows.sort(key=lambda r: (r["value"] is None, sign * r["value"] if r["value"] is not None else 0, r["trial"]))
+    rows.sort(key=lambda row: rank_key(row, config))
     best = rows[0] if rows and rows[0]["value"] is not None else None
     board = {"strategy": config.strategy, "objective": config.metric, "direction": config.direction,
-             "overrides": config.overrides, "best": best, "trials": rows}
+             "secondary": {"metric": config.secondary, "direction": config.secondary_direction}
+             if config.secondary else None,
+             "overrides": config.overrides, "best": best, "tie": best_tie(rows, config), "trials": rows}
     out = Path(config.out_dir)
     write_json(out / "leaderboard.json", board)
     write_text(out / "leaderboard.md", markdown(board, config))
@@ -415,20 +645,30 @@ def cell(value) -> str:
 
 def markdown(board: dict, config: SearchConfig) -> str:
     names = [d.name for d in config.space]
-    lines = [f"# Search: {config.strategy}, {config.direction} {config.metric}", ""]
-    if board["best"]:
-        best = board["best"]
+    title = f"# Search: {config.strategy}, {config.direction} {config.metric}"
+    if config.secondary:
+        title += f", ties: {config.secondary_direction} {config.secondary}"
+    lines = [title, ""]
+    best, tie = board["best"], board.get("tie")
+    if tie and not tie["broken"]:
+        lines += [(f"No single best: {join([f'**{n}**' for n in tie['still_tied']])} tie, listed by trial number "
+                  f"(`dvc exp apply {best['experiment']}` restores the first)"), ""]
+    elif best:
         lines += [(f"Best: **{best['experiment']}** with {config.metric_key} = {best['value']:g} "
                    f"(`dvc exp apply {best['experiment']}`)"), ""]
+    if tie:
+        lines += [f"**Tie:** {tie['summary']}", ""]
     if board["overrides"]:
         lines += ["Every trial: " + ", ".join(f"`{k}={v}`" for k, v in board["overrides"].items()), ""]
-    lines += ["| rank | experiment | state | " + config.metric_key + " | " + " | ".join(names) + " |",
-              "|---" * (4 + len(names)) + "|"]
+    metrics = [config.metric_key] + ([config.secondary_key] if config.secondary else [])
+    lines += ["| rank | experiment | state | " + " | ".join(metrics + names) + " |",
+              "|---" * (3 + len(metrics) + len(names)) + "|"]
     for rank, row in enumerate(board["trials"], 1):
         value = f"{row['value']:g}" if row["value"] is not None else (row["error"] or "").splitlines()[-1][:60] \
             if row["state"] == "fail" else f"pruned at step {row['pruned_at_step']}"
-        lines.append(f"| {rank} | {row['experiment']} | {row['state']} | {value} | "
-                     + " | ".join(cell(row["params"].get(n, "")) for n in names) + " |")
+        second = [f"{row['secondary']:g}" if row["secondary"] is not None else ""] if config.secondary else []
+        lines.append(f"| {rank} | {row['experiment']} | {row['state']} | "
+                     + " | ".join([value, *second] + [cell(row["params"].get(n, "")) for n in names]) + " |")
     return "\n".join(lines) + "\n"
 
 
