@@ -173,10 +173,12 @@ def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, 
     new = exp or "workspace"
     header = [f"| file | metric | `{base}` (before) | `{new}` (after) | change | |", "|---|---|--:|--:|--:|---|"]
 
+    def flag(r: dict) -> str:
+        return f" ⚠ regression (threshold {r['threshold']:g})" if r["regression"] else ""
+
     def line(r: dict) -> str:
-        flag = f" ⚠ regression (threshold {r['threshold']:g})" if r["regression"] else ""
         return (f"| {r['file']} | {r['metric']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | "
-                f"{arrow(r)}{flag} |")
+                f"{arrow(r)}{flag(r)} |")
 
     headline = sorted((r for r in rows if r["file"].endswith("eval_finetuned.json") and r["name"] in M.HEADLINE),
                       key=lambda r: M.HEADLINE.index(r["name"]))
@@ -187,7 +189,7 @@ def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, 
     if headline:
         lines += [f"| metric | `{base}` (before) | `{new}` (after) | change | |", "|---|--:|--:|--:|---|"]
         lines += [f"| {r['name']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | {arrow(r)}"
-                  f"{' ⚠ regression' if r['regression'] else ''} |" for r in headline]
+                  f"{flag(r)} |" for r in headline]
     else:
         lines.append("No evaluation of the fine-tuned model at either revision.")
     lines += ["", "### Params", "", *params_table(base, exp, new), "", "### Every other metric", ""]

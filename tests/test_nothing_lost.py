@@ -286,7 +286,7 @@ def test_valid_files_from_windows_tools_are_read_whole(repo, monkeypatch, capsys
     (repo / "data/raw/toy.jsonl").write_bytes(b"\xef\xbb\xbf" + raw)
     status, output = run_stage("prepare", monkeypatch, capsys)
     assert status == 0, output
-    stats = json.loads((repo / "metrics/prepare.json").read_text())
+    stats = json.loads((repo / "metrics/prepare.json").read_text())["prepared"]
     assert stats["train_examples"] + stats["validation_examples"] + stats["test_examples"] == 120
     assert stats["bad_records"] == 0
 
@@ -296,7 +296,7 @@ def test_valid_files_from_windows_tools_are_read_whole(repo, monkeypatch, capsys
     set_params(repo, {"data.path": "data/raw/excel.csv"})
     status, output = run_stage("prepare", monkeypatch, capsys)
     assert status == 0, output
-    assert json.loads((repo / "metrics/prepare.json").read_text())["bad_records"] == 0
+    assert json.loads((repo / "metrics/prepare.json").read_text())["prepared"]["bad_records"] == 0
 
 
 def test_skip_drops_exactly_the_bad_records_and_keeps_each_records_types(repo):
@@ -407,9 +407,10 @@ def test_a_late_failure_leaves_a_run_that_resumes(repo, finished, monkeypatch, c
     assert status == 0, output
     assert "resuming from models/checkpoints/checkpoint-6:" in output and "starting fresh" not in output
     assert "holds the last training step: writing its outputs without training again" in output
-    written = json.loads((repo / "metrics/train.json").read_text())
+    written = json.loads((repo / "metrics/train.json").read_text())["training"]
     assert written["steps"] == 6 and written["tokens_trained"] > 0
-    assert written["final_train_loss"] != json.loads((finished / "metrics/train.json").read_text())["final_train_loss"]
+    before = json.loads((finished / "metrics/train.json").read_text())["training"]
+    assert written["final_train_loss"] != before["final_train_loss"]
     assert snapshot(repo, "models/finetuned") == adapter
     assert (repo / "models/checkpoints" / train.FINISHED).exists()
 

@@ -98,8 +98,8 @@ def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(r
 
     adapter = "models/finetuned/adapter_model.safetensors"
     assert sha256(workdir / adapter) == sha256(reference / adapter)  # bit-exact weights
-    ours = json.loads((workdir / "metrics/train.json").read_text())
-    theirs = json.loads((reference / "metrics/train.json").read_text())
+    ours = json.loads((workdir / "metrics/train.json").read_text())["training"]
+    theirs = json.loads((reference / "metrics/train.json").read_text())["training"]
     assert {k: ours[k] for k in COMPARED} == {k: theirs[k] for k in COMPARED}
     # DVCLive kept the killed run's history up to the checkpoint and dropped what the resumed run replayed:
     # the same steps as the uninterrupted run, each once, with the same losses
