@@ -105,17 +105,17 @@ class TrainParams:
     method: Literal["lora", "qlora", "full"] = "lora"  # qlora: 4-bit base (see quantization); full: every weight
     output_dir: str = "models/checkpoints"  # Trainer checkpoints (every save_steps)
     finetuned_dir: str = "models/finetuned"  # the adapter (or full model), tokenizer and resolved config
-    num_train_epochs: float = 3.0
+    num_train_epochs: float = 4.0
     max_steps: int = -1  # > 0 overrides num_train_epochs; handy for quick experiments
-    per_device_train_batch_size: int = 16
+    per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1  # effective batch = per-device batch x this x processes
-    learning_rate: float = 2e-4
+    learning_rate: float = 8e-3
     weight_decay: float = 0.01
-    warmup_steps: int = 0
-    logging_steps: int = 10
-    save_steps: int = 500
-    eval_steps: int = 500
+    warmup_steps: int = 20
+    logging_steps: int = 20
+    save_steps: int = 160
+    eval_steps: int = 80
     save_total_limit: int = 2
     fp16: bool = False  # CUDA only: fp16 autocast with gradient scaling
     bf16: bool = False  # bf16 autocast on CUDA (Ampere+) or CPU
@@ -208,10 +208,8 @@ class LoraParams:
     r: int = 8  # adapter rank: higher = more capacity, more memory
     lora_alpha: int = 32  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
     target_modules: list[str] | Literal["all-linear"] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
-    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
-    inference_mode: bool = False  # true freezes the adapter; training needs false
     use_dora: bool = False  # weight-decomposed LoRA: closer to full fine-tuning, ~2x slower steps
     use_rslora: bool = False  # rank-stabilized scale alpha/sqrt(r): keeps high ranks learning
     modules_to_save: list[str] | None = None  # modules trained in full beside the adapter, e.g. [lm_head]
@@ -226,15 +224,13 @@ class LoraParams:
             out.append(f"lora.lora_dropout: {self.lora_dropout} is outside [0, 1)")
         if not self.target_modules:
             out.append("lora.target_modules: must name at least one module")
-        if self.inference_mode:
-            out.append("lora.inference_mode: true freezes the adapter, so training would change nothing; set false")
         return out
 
 
 @dataclass
 class EvaluateParams:
     batch_size: int = 64  # prompts per generate() call and rows per loss batch; lower it if memory runs out
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24
     do_sample: bool = False  # false = greedy, reproducible
     temperature: float = 1.0  # used only when do_sample
     top_p: float = 1.0  # used only when do_sample
@@ -580,10 +576,9 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
     if not problems:  # the values are well-formed: check them against the repository and the machine
         if root is not None:
             problems.extend(path_problems(params, root, writes))
-        if hardware is not None:
+        if hardware is not None and training:  # what this machine can do matters only to the stage that trains
             problems.extend(hardware_problems(params, hardware))
-            if training:
-                problems.extend(tracking_problems(params, hardware))
+            problems.extend(tracking_problems(params, hardware))
     if problems:
         lines = _key_lines(node) if node is not None else {}
 

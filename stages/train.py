@@ -71,8 +71,8 @@ def lora_config(lora: LoraParams):
     from peft import LoraConfig
 
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
-                      lora_dropout=lora.lora_dropout, bias=lora.bias, task_type=lora.task_type,
-                      inference_mode=lora.inference_mode, use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      lora_dropout=lora.lora_dropout, bias=lora.bias, task_type="CAUSAL_LM",
+                      use_dora=lora.use_dora, use_rslora=lora.use_rslora,
                       modules_to_save=lora.modules_to_save)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,6 @@ CASES = {
     "split ratio over one": ({"data": {"test_ratio": 1.5}}, "data.test_ratio: 1.5 is outside [0, 1)"),
     "no checkpoints kept": ({"train": {"save_total_limit": 0}}, "train.save_total_limit: 0 must be at least 1"),
     "fp16 and bf16": ({"train": {"fp16": True, "bf16": True}}, "train.fp16 and train.bf16: both are true"),
-    "fp16 on cpu": ({"train": {"fp16": True}}, "train.fp16: true, but there is no CUDA device"),
-    "qlora fp16 compute on cpu": ({"train": {"method": "qlora"}, "quantization": {"bnb_4bit_compute_dtype": "float16"}},
-                                  "quantization.bnb_4bit_compute_dtype: float16 needs a CUDA device"),
     "no accumulation": ({"train": {"gradient_accumulation_steps": 0}},
                         "train.gradient_accumulation_steps: 0 must be at least 1"),
     "wrong type": ({"train": {"per_device_train_batch_size": "8"}},
@@ -70,6 +68,43 @@ def test_bad_params_stop_every_stage_and_touch_nothing(finished_run, case, capsy
         assert exit_.value.code == 2, name
         assert message in capsys.readouterr().err, name
     assert snapshot(finished_run) == before
+
+# What this machine cannot do: refused by the stage that trains, and by no other (compare runs with train.fp16 set).
+HARDWARE_CASES = {
+    "fp16 on cpu": ({"train": {"fp16": True}}, "train.fp16: true, but there is no CUDA device"),
+    "qlora fp16 compute on cpu": ({"train": {"method": "qlora"}, "quantization": {"bnb_4bit_compute_dtype": "float16"}},
+                                  "quantization.bnb_4bit_compute_dtype: float16 needs a CUDA device"),
+}
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="these requests are possible on a CUDA machine")
+@pytest.mark.parametrize("case", HARDWARE_CASES)
+def test_hardware_requests_stop_train_only(finished_run, case, capsys, monkeypatch):
+    changes, message = HARDWARE_CASES[case]
+    set_params(finished_run, changes)
+    before = snapshot(finished_run)
+    monkeypatch.setattr("sys.argv", ["train"])
+    with pytest.raises(SystemExit) as exit_:
+        run_main(train.main)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+    for name in ("compare", "evaluate", "merge", "prepare"):  # they pass the params check (then fail on the fake
+        monkeypatch.setattr("sys.argv", [name])           # outputs, or run): never for the hardware
+        try:
+            run_main(STAGE_MAINS[name])
+        except SystemExit:
+            pass
+        assert message not in capsys.readouterr().err, name
+
+
+def test_compare_runs_with_fp16_set_on_a_cpu_machine(workdir, capsys):
+    set_params(workdir, {"train": {"fp16": True}})
+    for model, value in (("base", 1.0), ("finetuned", 3.0)):
+        (workdir / f"metrics/eval_{model}.json").parent.mkdir(exist_ok=True)
+        (workdir / f"metrics/eval_{model}.json").write_text(json.dumps({model: {"exact_match": value}}))
+    run_main(compare.main)
+    assert json.loads((workdir / "metrics/compare.json").read_text()) == {"delta": {"exact_match": 2.0}}
+    assert json.loads((workdir / "metrics/headline.json").read_text()) == {"exact_match": 3.0}
 
 
 def test_every_problem_is_reported_in_one_run(finished_run, capsys):

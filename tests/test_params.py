@@ -15,7 +15,34 @@ def test_repository_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params.lora.r == 8 and params.lora.lora_alpha == 32
     assert params.lora.target_modules == ["q_proj", "v_proj"]
-    assert params.lora.bias == "none" and params.lora.task_type == "CAUSAL_LM"
+    assert params.lora.bias == "none"
+
+
+def test_the_schema_defaults_are_params_yaml():
+    """One source of defaults: deleting a key from params.yaml must not change the run, and params.yaml holds every
+    knob the schema has (the schema's unknown-key check covers the other way)."""
+    import dataclasses
+
+    import yaml
+
+    written = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def differences(defaults, values: dict, prefix: str) -> list[str]:
+        out = []
+        for field in dataclasses.fields(defaults):
+            default, name = getattr(defaults, field.name), prefix + field.name
+            if name.count(".") == 0 and not dataclasses.is_dataclass(default):
+                continue
+            if field.name not in values:
+                out.append(f"{name}: not in params.yaml")
+            elif dataclasses.is_dataclass(default):
+                out += differences(default, values[field.name], name + ".")
+            elif default != values[field.name]:
+                out.append(f"{name}: {default!r} in the schema, {values[field.name]!r} in params.yaml")
+        return out
+
+    assert differences(Params(), written, "") == []
+    assert Params() == load_params(ROOT / "params.yaml")
 
 
 def test_missing_sections_take_defaults():
