@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,16 @@ def write_json(path: Path | str, data: Any) -> None:
 
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
     write_text(Path(path), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence], align: str = "") -> list[str]:
+    """A GitHub Markdown table, as lines; `align` holds one letter per column, l, c or r (missing ones: l)."""
+    marks = {"l": "---", "c": ":-:", "r": "--:"}
+
+    def line(cells: Sequence) -> str:
+        return "|" + "|".join(f" {cell} " if str(cell) else " " for cell in cells) + "|"
+
+    return [line(header), "|" + "|".join(marks[a] for a in align.ljust(len(header), "l")) + "|", *map(line, rows)]
 
 
 def read_jsonl(path: Path | str) -> list[dict]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.common import StageError, run_main, write_json, write_text
+from stages.common import StageError, markdown_table, run_main, write_json, write_text
 from stages.metrics import HEADLINE, HEADLINE_FILE, better_when, nest, unnest
 from stages.params import load_params
 
@@ -60,11 +60,10 @@ def verdict(metric: str, delta: float) -> str:
 
 
 def markdown(table: dict[str, dict[str, float]]) -> str:
-    lines = ["| metric | better when | base model | fine-tuned | change | |", "|---|:-:|--:|--:|--:|---|"]
-    for metric, row in table.items():
-        way = better_when(metric)
-        lines.append(f"| {metric} | {ARROWS[way]} {way} | {row['base']:.4g} | {row['finetuned']:.4g} "
-                     f"| {row['delta']:+.4g} | {verdict(metric, row['delta'])} |")
+    rows = [[metric, f"{ARROWS[better_when(metric)]} {better_when(metric)}", f"{row['base']:.4g}",
+             f"{row['finetuned']:.4g}", f"{row['delta']:+.4g}", verdict(metric, row["delta"])]
+            for metric, row in table.items()]
+    lines = markdown_table(["metric", "better when", "base model", "fine-tuned", "change", ""], rows, "lcrrrl")
     return "# Base vs fine-tuned on the test split\n\n" + "\n".join(lines) + "\n"
 
 

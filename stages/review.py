@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from stages import metrics as M
-from stages.common import StageError, read_jsonl, run_main, write_text
+from stages.common import StageError, markdown_table, read_jsonl, run_main, write_text
 
 PREDICTIONS = "outputs/predictions_finetuned.jsonl"
 LOSS_PLOT = "loss"
@@ -91,13 +91,11 @@ def number(value) -> str:
 
 def params_table(base: str, exp: str | None, new_name: str) -> list[str]:
     diff = dvc_json("params", "diff", base, *revision(exp))
-    lines = []
-    for path, found in sorted(diff.items()):
-        for key, change in sorted(found.items()):
-            lines.append(f"| `{key}` | {change.get('old')} | {change.get('new')} |")
-    if not lines:
+    rows = [[f"`{key}`", change.get("old"), change.get("new")]
+            for _, found in sorted(diff.items()) for key, change in sorted(found.items())]
+    if not rows:
         return ["No params changed."]
-    return [f"| param | `{base}` (before) | `{new_name}` (after) |", "|---|---|---|", *lines]
+    return markdown_table(["param", f"`{base}` (before)", f"`{new_name}` (after)"], rows)
 
 
 def loss_plot(base: str, exp: str | None, out_dir: Path) -> Path | None:
@@ -137,17 +135,14 @@ def differing_examples(base: str, exp: str | None, new_name: str, limit: int) ->
     before = {row["prompt"]: row for row in old}  # by prompt: a reordered or resized test split still pairs up
     pairs = [(before[b["prompt"]], b) for b in new
              if b["prompt"] in before and before[b["prompt"]]["prediction"] != b["prediction"]]
-    lines = [f"{len(pairs)} of {len(new)} test predictions of the fine-tuned model differ; the first "
-             f"{min(limit, len(pairs))}:", "",
-             f"| prompt | reference | `{base}` (before) | `{new_name}` (after) |", "|---|---|---|---|"]
-
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")[:160]
 
-    for a, b in pairs[:limit]:
-        lines.append(f"| {cell(a['prompt'].strip())} | {cell(a['reference'])} | {cell(a['prediction'])} | "
-                     f"{cell(b['prediction'])} |")
-    return lines
+    rows = [[cell(a["prompt"].strip()), cell(a["reference"]), cell(a["prediction"]), cell(b["prediction"])]
+            for a, b in pairs[:limit]]
+    return [(f"{len(pairs)} of {len(new)} test predictions of the fine-tuned model differ; the first "
+             f"{min(limit, len(pairs))}:"), "",
+            *markdown_table(["prompt", "reference", f"`{base}` (before)", f"`{new_name}` (after)"], rows)]
 
 
 def change(row: dict) -> str:
@@ -171,14 +166,13 @@ def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, 
     rows = metric_rows(base, exp, thresholds, default_threshold)
     regressions = [r for r in rows if r["regression"]]
     new = exp or "workspace"
-    header = [f"| file | metric | `{base}` (before) | `{new}` (after) | change | |", "|---|---|--:|--:|--:|---|"]
-
     def flag(r: dict) -> str:
         return f" ⚠ regression (threshold {r['threshold']:g})" if r["regression"] else ""
 
-    def line(r: dict) -> str:
-        return (f"| {r['file']} | {r['metric']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | "
-                f"{arrow(r)}{flag(r)} |")
+    def table(rows: list[dict]) -> list[str]:
+        return markdown_table(["file", "metric", f"`{base}` (before)", f"`{new}` (after)", "change", ""],
+                              [[r["file"], r["metric"], number(r["base"]), number(r["new"]), number(r["delta"]),
+                                arrow(r) + flag(r)] for r in rows], "llrrrl")
 
     headline = sorted((r for r in rows if r["file"].endswith("eval_finetuned.json") and r["name"] in M.HEADLINE),
                       key=lambda r: M.HEADLINE.index(r["name"]))
@@ -187,22 +181,21 @@ def report(base: str, exp: str | None, thresholds: dict[str, float], out: Path, 
     lines = [f"## Fine-tuning review: `{new}` (after) against `{base}` (before)", "", verdict(rows), "",
              "### Headline: the fine-tuned model on the test split", ""]
     if headline:
-        lines += [f"| metric | `{base}` (before) | `{new}` (after) | change | |", "|---|--:|--:|--:|---|"]
-        lines += [f"| {r['name']} | {number(r['base'])} | {number(r['new'])} | {number(r['delta'])} | {arrow(r)}"
-                  f"{flag(r)} |" for r in headline]
+        lines += markdown_table(["metric", f"`{base}` (before)", f"`{new}` (after)", "change", ""],
+                                [[r["name"], number(r["base"]), number(r["new"]), number(r["delta"]),
+                                  arrow(r) + flag(r)] for r in headline], "lrrrl")
     else:
         lines.append("No evaluation of the fine-tuned model at either revision.")
     lines += ["", "### Params", "", *params_table(base, exp, new), "", "### Every other metric", ""]
     flagged = [r for r in changed if r["regression"]]
     if flagged:  # a regression is never folded away
-        lines += [*header, *map(line, flagged), ""]
+        lines += [*table(flagged), ""]
     rest_changed = [r for r in changed if not r["regression"]]
     if rest_changed:
         lines += [f"<details><summary>{len(rest_changed)} changed (timings, memory, training summaries, "
-                  "diagnostics)</summary>", "", *header, *map(line, rest_changed), "", "</details>", ""]
+                  "diagnostics)</summary>", "", *table(rest_changed), "", "</details>", ""]
     if same:
-        lines += [f"<details><summary>{len(same)} unchanged</summary>", "", *header, *map(line, same), "",
-                  "</details>"]
+        lines += [f"<details><summary>{len(same)} unchanged</summary>", "", *table(same), "", "</details>"]
     image = loss_plot(base, exp, out.parent / (out.stem + "_plots"))
     lines += ["", "### Training loss", ""]
     if image and image_url:  # a PR comment cannot embed a file: link to where CI keeps it

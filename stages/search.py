@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import StageError, run_main, write_json, write_text
+from stages.common import StageError, markdown_table, run_main, write_json, write_text
 from stages.metrics import unnest
 from stages.params import load_yaml
 from stages.train import METRICS_FILE as TRAIN_METRICS
@@ -661,14 +661,14 @@ def markdown(board: dict, config: SearchConfig) -> str:
     if board["overrides"]:
         lines += ["Every trial: " + ", ".join(f"`{k}={v}`" for k, v in board["overrides"].items()), ""]
     metrics = [config.metric_key] + ([config.secondary_key] if config.secondary else [])
-    lines += ["| rank | experiment | state | " + " | ".join(metrics + names) + " |",
-              "|---" * (3 + len(metrics) + len(names)) + "|"]
+    rows = []
     for rank, row in enumerate(board["trials"], 1):
         value = f"{row['value']:g}" if row["value"] is not None else (row["error"] or "").splitlines()[-1][:60] \
             if row["state"] == "fail" else f"pruned at step {row['pruned_at_step']}"
         second = [f"{row['secondary']:g}" if row["secondary"] is not None else ""] if config.secondary else []
-        lines.append(f"| {rank} | {row['experiment']} | {row['state']} | "
-                     + " | ".join([value, *second] + [cell(row["params"].get(n, "")) for n in names]) + " |")
+        rows.append([rank, row["experiment"], row["state"], value, *second,
+                     *(cell(row["params"].get(n, "")) for n in names)])
+    lines += markdown_table(["rank", "experiment", "state", *metrics, *names], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -158,3 +158,10 @@ def test_every_stage_that_loads_the_base_model_depends_on_its_identity():
     assert {name for name, stage in stages.items() if "models/base_model.json" in stage.get("deps", [])} == loaders
     assert stages["base_model"]["always_changed"] is True
     assert list(stages)[0] == "compare"  # its headline.json leads `dvc exp show`
+
+
+def test_markdown_tables_have_one_shape():
+    from stages.common import markdown_table
+
+    assert markdown_table(["metric", "value", ""], [["bleu", 90.8, ""], ["a|b", 1, "↑"]], "lr") == [
+        "| metric | value | |", "|---|--:|---|", "| bleu | 90.8 | |", "| a|b | 1 | ↑ |"]
