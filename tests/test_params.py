@@ -108,13 +108,15 @@ OLD_GPU = Hardware(cuda=True, cuda_bf16=False, bitsandbytes=True)
 ])
 def test_requests_the_hardware_cannot_do_are_refused(text, hardware, expected):
     with pytest.raises(ParamsError) as err:
-        parse_params(text, source="params.yaml", hardware=hardware)
+        parse_params(text, source="params.yaml", hardware=hardware, training=True)
     assert expected in "\n".join(err.value.problems)
+    parse_params(text, source="params.yaml", hardware=hardware)  # a stage that does not train is not refused
 
 
 def test_cpu_can_do_bf16_and_qlora_in_float32():
-    parse_params("train:\n  bf16: true\n", hardware=CPU)
-    parse_params("train:\n  method: qlora\nquantization:\n  bnb_4bit_compute_dtype: float32\n", hardware=CPU)
+    parse_params("train:\n  bf16: true\n", hardware=CPU, training=True)
+    parse_params("train:\n  method: qlora\nquantization:\n  bnb_4bit_compute_dtype: float32\n", hardware=CPU,
+                 training=True)
 
 
 def test_qlora_needs_4bit_loading():
