@@ -71,7 +71,7 @@ def metric_rows(base: str, exp: str | None, thresholds: dict[str, float], defaul
             if threshold is None and gating:
                 threshold = default_threshold
             rows.append({"file": path, "metric": key, "name": name, "base": old, "new": new, "delta": delta,
-                         "direction": way, "kind": "undeclared" if way == "undeclared" else M.direction(key),
+                         "direction": way, "gates": gating,
                          "better": None if not delta or way not in ("higher", "lower") else not worse,
                          "regression": bool(worse and threshold is not None and abs(delta) > threshold + 1e-12),
                          "threshold": threshold})
@@ -153,7 +153,7 @@ def verdict(rows: list[dict]) -> str:
     regressions = [r for r in rows if r["regression"]]
     if regressions:
         return f"**Verdict: {len(regressions)} regression(s)**: " + ", ".join(map(change, regressions))
-    quality = [r for r in rows if r["kind"] in ("higher", "lower") and ".summary." not in f".{r['metric']}"]
+    quality = [r for r in rows if r["gates"]]
     better = sum(r["better"] is True for r in quality)
     worse = sum(r["better"] is False for r in quality)
     tail = f", {worse} worse within threshold" if worse else ""
