@@ -5,7 +5,7 @@ LoRA in bf16 with packing and QLoRA (nf4), reporting tokens/s, MFU and peak memo
     python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
 
 Mixed-length synthetic examples (64 to 512 tokens, the second half supervised) go through the same code as
-`dvc repro train`: stages.train.setup with the PackedCollator, the precision choice and bitsandbytes loading.
+`dvc repro train`: finetune.training.run.trainer_for with the PackedCollator, the precision choice and bitsandbytes loading.
 MFU = 4·N·(non-padding tokens/s) / the measured bf16 matmul FLOP/s of this device (LoRA: no weight gradients for
 the frozen base); the vendor's dense bf16 peak, where known, is printed beside it.
 """
@@ -79,7 +79,9 @@ def matmul_peak(dtype: torch.dtype, device: str) -> float:
 
 def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method: str, steps: int,
                batch: int, row_length: int) -> dict:
-    from stages import train
+    from finetune.batching import padding_fraction
+    from finetune.training.precision import peak_memory
+    from finetune.training.run import trainable_parameters, trainer_for
 
     p = copy.deepcopy(base_params)
     p.model.model_name = str(model_dir)
@@ -94,24 +96,23 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer, precision, base_mb = train.setup(p, prepared, run_fingerprint="bench-gpu")
+    trainer, precision, base_mb = trainer_for(p, prepared, run_fingerprint="bench-gpu")
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
     result = window(clock.marks, max(2, steps // 5))
-    trainable, total = train.trainable_parameters(trainer.model)
+    trainable, total = trainable_parameters(trainer.model)
     result.update(method=method, precision=precision.dtype, device=precision.device,
                   base_weight_mb=round(base_mb, 3), trainable_params=trainable, total_params=total,
-                  padding_fraction=round(1 - trainer.tokens_real / trainer.tokens_computed, 4),
-                  peak_memory_mb=round(train.peak_memory_mb(precision.device), 1),
-                  peak_memory_kind="cuda_allocated" if precision.device == "cuda" else "cpu_rss")
+                  padding_fraction=padding_fraction(trainer.tokens_real, trainer.tokens_computed),
+                  **peak_memory(precision.device))
     del trainer
     shutil.rmtree(p.train.output_dir, ignore_errors=True)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.params import load_params
+    from finetune.config.params import load_params
 
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", action="store_true", help="a tiny model of the same family (CPU is fine)")

@@ -70,7 +70,7 @@ def window(marks: list[tuple[float, int]], skip: int) -> dict:
 
 def bench_params(params, steps: int, out_dir: Path, **train_overrides):
     """Default params for a timed run of `steps` optimizer steps: no evaluation, checkpoints or logging inside."""
-    from stages.params import Params
+    from finetune.config.params import Params
 
     p: Params = copy.deepcopy(params)
     p.train.max_steps, p.train.warmup_steps = steps, min(p.train.warmup_steps, steps // 2)
@@ -85,12 +85,13 @@ def trainer_run(params, prepared: Path, steps: int, skip: int, out_dir: Path, co
                 **overrides) -> dict:
     """Our train stage's Trainer for `steps` steps, logging as params say (or every step, for the loss curve);
     throughput after `skip`."""
-    from stages import train
+    from finetune.batching import padding_fraction
+    from finetune.training.run import trainer_for
 
     if log_every_step:
         overrides["logging_steps"] = 1
     p = bench_params(params, steps, out_dir, **overrides)
-    trainer, _, _ = train.setup(p, prepared, run_fingerprint="bench")
+    trainer, _, _ = trainer_for(p, prepared, run_fingerprint="bench")
     if collator is not None:
         trainer.data_collator = collator(trainer)
     for callback in (PrinterCallback, ProgressCallback):  # one line per step would bury the table
@@ -102,7 +103,7 @@ def trainer_run(params, prepared: Path, steps: int, skip: int, out_dir: Path, co
     result = window(clock.marks, skip)
     result["total_seconds"] = round(time.perf_counter() - started, 2)
     result["losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result["padding_fraction"] = round(1 - trainer.tokens_real / trainer.tokens_computed, 4)
+    result["padding_fraction"] = padding_fraction(trainer.tokens_real, trainer.tokens_computed)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return result
 
@@ -113,16 +114,16 @@ def plain_loop(params, prepared: Path, steps: int, skip: int) -> dict:
     from peft import get_peft_model
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    from stages import train
-    from stages.batching import PackedCollator, real_tokens
-    from stages.common import load_base_model, load_tokenizer
+    from finetune.batching import PackedCollator, real_tokens
+    from finetune.models import load_base_model, load_tokenizer, lora_config
+    from finetune.training.run import load_split
 
     set_seed(params.train.seed)
-    rows = train.load_split(prepared, "train")
+    rows = load_split(prepared, "train")
     tokenizer = load_tokenizer(params.model)
     model = load_base_model(params.model)
     model.config.use_cache = False
-    model = get_peft_model(model, train.lora_config(params.lora)) if params.train.method == "lora" else model
+    model = get_peft_model(model, lora_config(params.lora, "CAUSAL_LM")) if params.train.method == "lora" else model
     model.train()
     loader = torch.utils.data.DataLoader(rows, batch_size=params.train.per_device_train_batch_size, shuffle=True,
                                          collate_fn=PackedCollator(tokenizer.pad_token_id, params.prepare.max_length))
@@ -164,7 +165,7 @@ def bench_train(params, prepared: Path, tmp: Path, steps: int, rounds: int) -> d
 def bench_packing(params, prepared: Path, tmp: Path, steps: int, rounds: int) -> dict:
     from transformers import DataCollatorForSeq2Seq
 
-    from stages.common import IGNORE_INDEX
+    from finetune.batching import IGNORE_INDEX
 
     skip = max(3, steps // 6)
 
@@ -201,9 +202,10 @@ def bench_packing(params, prepared: Path, tmp: Path, steps: int, rounds: int) ->
 def bench_generate(params, prepared: Path, prompts: int, repo: Path | None) -> dict:
     """On the fine-tuned model when the dvc section trained one in `repo` (answers of realistic length), else on
     the base."""
-    from stages import evaluate
-    from stages.common import load_base_model, load_finetuned, load_tokenizer, read_jsonl
-    from stages.params import EvaluateParams
+    from finetune.config.evaluate import EvaluateParams
+    from finetune.generation import generate
+    from finetune.io import read_jsonl
+    from finetune.models import load_base_model, load_finetuned, load_tokenizer
 
     rows = read_jsonl(prepared / "test.jsonl")[:prompts]
     texts = [r["prompt"] for r in rows]
@@ -215,13 +217,13 @@ def bench_generate(params, prepared: Path, prompts: int, repo: Path | None) -> d
     else:
         model = load_base_model(params.model).eval()
     greedy = EvaluateParams(batch_size=params.evaluate.batch_size, max_new_tokens=params.evaluate.max_new_tokens)
-    evaluate.generate(model, tokenizer, texts[:4], greedy)  # warm-up
+    generate(model, tokenizer, texts[:4], greedy)  # warm-up
     started = time.perf_counter()
-    batched = evaluate.generate(model, tokenizer, texts, greedy)
+    batched = generate(model, tokenizer, texts, greedy)
     batched_s = time.perf_counter() - started
     started = time.perf_counter()
     single_params = dataclasses.replace(greedy, batch_size=1)
-    single = [evaluate.generate(model, tokenizer, [t], single_params)[0] for t in texts]
+    single = [generate(model, tokenizer, [t], single_params)[0] for t in texts]
     single_s = time.perf_counter() - started
     return {"model": "finetuned" if finetuned else "base", "prompts": len(texts),
             "new_tokens": sum(len(tokenizer(t)["input_ids"]) for t in batched), "batch_size": greedy.batch_size,
@@ -261,12 +263,12 @@ def on_off(params, prepared: Path, tmp: Path, steps: int, setting: str) -> dict:
 
 
 def bench_checkpointing(params, prepared: Path, tmp: Path, steps: int) -> dict:
-    from stages import train
+    from finetune.training.run import trainer_for
 
     out = on_off(params, prepared, tmp, steps, "gradient_checkpointing")
     for on in (False, True):
         p = bench_params(params, 1, tmp, gradient_checkpointing=on)
-        trainer, _, _ = train.setup(p, prepared, run_fingerprint="bench")
+        trainer, _, _ = trainer_for(p, prepared, run_fingerprint="bench")
         trainer.model.train()
         if on:  # the Trainer turns it on when training starts; do the same for the measured pass
             trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -295,7 +297,7 @@ def matmul_flops(seconds: float = 3.0) -> dict:
 def bench_flops(params, train_result: dict) -> dict:
     from transformers import AutoConfig
 
-    from stages.common import load_base_model
+    from finetune.models import load_base_model
 
     model = load_base_model(params.model)
     config = AutoConfig.from_pretrained(params.model.model_name)
@@ -407,7 +409,7 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from stages.params import load_params
+    from finetune.config.params import load_params
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -433,9 +435,9 @@ def main(argv: list[str] | None = None) -> None:
             results["dvc"], repo = bench_dvc(tmp)
             shutil.copytree(repo / "data/prepared", prepared)
         else:
-            from stages import prepare
+            from finetune.data.prepare import prepare
 
-            prepare.run(params, prepared)
+            prepare(params, prepared)
         os.chdir(tmp)  # relative model paths in params resolve against the repository root
         params.model.model_name = str(ROOT / params.model.model_name) \
             if (ROOT / params.model.model_name).exists() else params.model.model_name

@@ -3,7 +3,7 @@
     python -m bench.search                     # 3 seeds x 12 trials per strategy, ~4 minutes
     python -m bench.search --seeds 5 --trials 16
 
-Each trial is a real DVC experiment (`python -m stages.search`) in a temporary git + DVC repository whose one
+Each trial is a real DVC experiment (`python -m tools.search`) in a temporary git + DVC repository whose one
 stage computes a known function of three params (a float, a log-scale float and a categorical) in milliseconds, so
 the comparison measures the strategies, not training noise. Prints the best value each strategy found per seed and
 writes bench/search_results.json.
@@ -74,7 +74,7 @@ def search_config(repo: Path, **overrides) -> Path:
 
 
 def best_found(repo: Path, strategy: str, seed: int, trials: int) -> float:
-    from stages import search
+    from tools import search
 
     path = search_config(repo, strategy=strategy, seed=seed, trials=trials,
                          study_name=f"{strategy}-{seed}", storage=f"search/{strategy}-{seed}.db",

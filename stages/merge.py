@@ -1,115 +1,40 @@
 """merge: fold the adapter into the base weights and export a standalone Hugging Face model (safetensors).
 
     dvc repro merge
-    python -m stages.merge
-    python -m stages.evaluate --model merged   # score the export like any other model
+    python -m stages.merge --test data/prepared/test.jsonl --metrics metrics/merge.json
+    python -m stages.evaluate --model merged ...   # score the export like any other model
 
 Reads params `export`, `train.finetuned_dir` and evaluate's generation settings (`max_new_tokens`, `do_sample`,
 `temperature`, `top_p`, saved as the export's generation_config.json). The result loads with
 `AutoModelForCausalLM.from_pretrained` alone, no peft, and its tokenizer's chat template is the training prompt
-template (see stages/predict.py). LoRA merges into the fp32 base. QLoRA merges into the base loaded *unquantized*:
-the 4-bit weights saved memory while training, but rounding the merged weights back to 4 bits would lose the
-adapter's small updates. A full fine-tune is already standalone and is saved as is.
-
-Then it checks the export on export.check_examples test prompts and writes metrics/merge.json: greedy outputs and
-the largest logit difference of the reloaded merged model against the adapter on the same unquantized base (these
-must agree: it is the same function, summed differently), and for QLoRA also against the model as trained on its
-4-bit base (these differ by the quantization error, so the agreement is reported, not required).
+template. Then it checks the export on export.check_examples test prompts against the adapter and writes --metrics
+(finetune/export.py says how).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import torch
+from finetune.config.params import load_params
+from finetune.entrypoint import run_main
+from finetune.export import merge
+from finetune.io import write_json
+from finetune.metrics import nest
 
-from stages.common import StageError, load_finetuned, read_jsonl, read_train_config, run_main, write_json
-from stages.evaluate import generate
-from stages.metrics import nest
-from stages.outputs import refuse_foreign, replacing
-from stages.params import EvaluateParams, Params, load_params
-
-TEST_FILE = Path("data/prepared/test.jsonl")
-METRICS_FILE = Path("metrics/merge.json")
-
-
-# what transformers refuses to save beside do_sample=False (a base's sampling defaults, e.g. an instruct model's)
-SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
-
-
-def generation_config(model, tokenizer, evaluate: EvaluateParams):
-    """The model's generation config with evaluate's settings and the tokenizer's EOS and padding ids, so that plain
-    `model.generate(**inputs)` on the export generates as the evaluate stage does (and stages.predict by default)."""
-    generation = model.generation_config
-    generation.update(do_sample=evaluate.do_sample, max_new_tokens=evaluate.max_new_tokens,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if evaluate.do_sample:
-        generation.update(temperature=evaluate.temperature, top_p=evaluate.top_p)
-    else:  # greedy ignores them
-        for flag in SAMPLING_ONLY:
-            if getattr(generation, flag, None) is not None:
-                setattr(generation, flag, None)
-    return generation
-
-
-def export(finetuned_dir: Path, merged_dir: Path, evaluate: EvaluateParams) -> None:
-    """The merged weights, the fine-tuned tokenizer (its chat template is prepare.template, written by train) and
-    generation_config.json with evaluate's generation settings."""
-    from transformers import AutoTokenizer
-
-    model = load_finetuned(finetuned_dir, quantized=False)
-    if read_train_config(finetuned_dir)["train"]["method"] != "full":
-        model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
-    model.generation_config = generation_config(model, tokenizer, evaluate)
-    refuse_foreign(merged_dir, "model", "export.merged_dir")
-    with replacing(merged_dir, "model", "export.merged_dir") as staged:
-        model.save_pretrained(staged)  # safetensors, and generation_config.json
-        tokenizer.save_pretrained(staged)
-
-
-@torch.no_grad()
-def agreement(model_a, model_b, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, float]:
-    """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts."""
-    settings = EvaluateParams(batch_size=len(prompts), max_new_tokens=max_new_tokens)
-    same = [a == b for a, b in zip(generate(model_a, tokenizer, prompts, settings),
-                                   generate(model_b, tokenizer, prompts, settings), strict=True)]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"].bool()
-    diff = (model_a(**enc).logits.float() - model_b(**enc).logits.float()).abs()[mask]
-    return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": float(diff.max())}
-
-
-def run(params: Params, test_file: Path = TEST_FILE) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    finetuned_dir, merged_dir = Path(params.train.finetuned_dir), Path(params.export.merged_dir)
-    method = read_train_config(finetuned_dir)["train"]["method"]
-    if not test_file.exists():
-        raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
-    export(finetuned_dir, merged_dir, params.evaluate)
-    print(f"merged {method} model saved to {merged_dir}")
-
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    prompts = [r["prompt"] for r in read_jsonl(test_file)[:params.export.check_examples]]
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
-    max_new = params.export.check_max_new_tokens
-    metrics = {"method": method, "examples": len(prompts)}
-    metrics.update(agreement(merged, load_finetuned(finetuned_dir, quantized=False).eval(), tokenizer, prompts,
-                             max_new))
-    if method == "qlora":
-        as_trained = agreement(merged, load_finetuned(finetuned_dir).eval(), tokenizer, prompts, max_new)
-        metrics.update({f"{k}_vs_4bit": v for k, v in as_trained.items()})
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+SECTIONS = ["train", "export", "evaluate"]  # of params.yaml, checked here
 
 
 def main() -> None:
-    metrics = run(load_params(writes=("export.merged_dir",)))
-    write_json(METRICS_FILE, nest(METRICS_FILE, metrics))
+    parser = argparse.ArgumentParser(description="Export the merged model and check it.")
+    parser.add_argument("--test", type=Path, required=True, help="the prepared test split")
+    parser.add_argument("--metrics", type=Path, required=True)
+    args = parser.parse_args()
+    metrics = merge(load_params(sections=SECTIONS, writes=("export.merged_dir",)), args.test)
+    write_json(args.metrics, nest("merge_check", metrics))
     print(f"the merged model agrees with the adapter on {metrics['greedy_agreement']:.0%} of "
           f"{metrics['examples']} test prompts (largest logit difference {metrics['max_abs_logit_diff']:.2g}); "
-          f"{METRICS_FILE}")
+          f"{args.metrics}")
 
 
 if __name__ == "__main__":

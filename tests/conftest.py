@@ -68,6 +68,7 @@ def workdir(tmp_path, monkeypatch, toy_model_dir) -> Path:
     """A working directory holding params.yaml (toy settings) and the toy data; the stages run inside it."""
     write_toy_data(tmp_path / "data/raw/toy.jsonl")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")  # the DAG, which names what no output may overwrite
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -85,9 +86,77 @@ def dvc_repo(tmp_path, toy_model_dir) -> Path:
     """A fresh git + DVC repository holding the real pipeline files, toy params and toy data."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    shutil.copytree(ROOT / "stages", repo / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("stages", "finetune", "tools"):
+        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     write_toy_data(repo / "data/raw/toy.jsonl")
     (repo / "params.yaml").write_text(yaml.safe_dump(toy_params_dict(toy_model_dir), sort_keys=False))
     return repo
+
+
+def stage_arguments(stage: str) -> list[str]:
+    """The arguments dvc.yaml's command gives `stage` after `python -m stages.<module>`: the paths it reads and
+    writes, as the pipeline runs it."""
+    import shlex
+
+    command = shlex.split(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    return command[3:]
+
+
+def argument(stage: str, name: str) -> Path:
+    arguments = stage_arguments(stage)
+    return Path(arguments[arguments.index(name) + 1])
+
+
+# The library's entry points as the stages call them, with dvc.yaml's paths (run inside a workdir).
+def run_prepare(params):
+    from finetune.data.prepare import prepare
+
+    return prepare(params, argument("prepare", "--out"))
+
+
+def run_train(params):
+    from finetune.training.run import train
+
+    return train(params, argument("train", "--prepared"), argument("train", "--metrics"),
+                 argument("train", "--history"))
+
+
+def run_evaluate(params, which: str):
+    from finetune.evaluation import evaluate
+
+    return evaluate(params, which, argument("evaluate", "--test"))
+
+
+def run_merge(params):
+    from finetune.export import merge
+
+    return merge(params, argument("merge", "--test"))
+
+
+def stage_argv(stage: str) -> list[str]:
+    """sys.argv for running `stage` through its module's main(), as dvc.yaml's command runs it."""
+    return [stage, *stage_arguments(stage)]
+
+
+def stage_main(stage: str):
+    """The main() of the module dvc.yaml's command runs for `stage`."""
+    import importlib
+    import shlex
+
+    command = shlex.split(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    return importlib.import_module(command[2]).main
+
+
+def stage_params(stage: str) -> set[str]:
+    """The params sections `stage` declares in dvc.yaml (a section, or a key of it)."""
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage].get("params", [])
+    return {str(next(iter(p)) if isinstance(p, dict) else p).split(".")[0] for p in declared}
+
+
+def setup_trainer(params):
+    """(trainer, precision, base weight MB) of a run on the workdir's prepared data: nothing trained or written."""
+    from finetune.training.run import trainer_for
+
+    return trainer_for(params, argument("train", "--prepared"))

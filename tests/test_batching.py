@@ -2,19 +2,21 @@
 
 import pytest
 import torch
+from conftest import run_prepare, setup_trainer
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from stages import prepare, train
-from stages.batching import PackedCollator, check_packing, first_fit_decreasing, real_tokens
-from stages.common import IGNORE_INDEX, StageError, load_tokenizer
-from stages.params import load_params
+from finetune.batching import IGNORE_INDEX, PackedCollator, check_packing, first_fit_decreasing, real_tokens
+from finetune.config.params import load_params
+from finetune.errors import StageError
+from finetune.models import load_tokenizer
+from finetune.training.run import load_split
 
 
 @pytest.fixture
 def prepared(workdir):
     params = load_params()
-    prepare.run(params)
-    rows = train.load_split(workdir / "data/prepared", "train")
+    run_prepare(params)
+    rows = load_split(workdir / "data/prepared", "train")
     tokenizer = load_tokenizer(params.model)
     model = AutoModelForCausalLM.from_pretrained(params.model.model_name, attn_implementation="sdpa")
     model.config.use_cache = False
@@ -103,7 +105,7 @@ def one_sgd_step(workdir, batch_size: int, accumulation: int, packing: bool):
     params.train.packing, params.train.warmup_steps, params.train.weight_decay = packing, 0, 0.0
     params.lora.lora_dropout = 0.0  # dropout would draw differently per micro-batch
     params.train.output_dir = str(workdir / f"ckpt-{batch_size}x{accumulation}-{packing}")
-    trainer, _, _ = train.setup(params)
+    trainer, _, _ = setup_trainer(params)
     trainer.args.optim, trainer.args.max_grad_norm = "sgd", 1e9
     trainer.train()
     loss = next(e["loss"] for e in trainer.state.log_history if "loss" in e)
@@ -113,7 +115,7 @@ def one_sgd_step(workdir, batch_size: int, accumulation: int, packing: bool):
 
 @pytest.mark.parametrize("packing", [True, False])
 def test_gradient_accumulation_normalizes_by_supervised_tokens(workdir, packing):
-    prepare.run(load_params())
+    run_prepare(load_params())
     loss_1, weights_1, tokens_1 = one_sgd_step(workdir, 8, 1, packing)
     loss_4, weights_4, tokens_4 = one_sgd_step(workdir, 2, 4, packing)
     assert tokens_1 == tokens_4  # the same 8 examples in the step

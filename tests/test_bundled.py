@@ -4,13 +4,12 @@ import json
 import subprocess
 import sys
 
-from safetensors.torch import load_file
-
-from stages.common import load_base_model, load_tokenizer
-from stages.params import ModelParams
-
 from conftest import ROOT
 from make_dataset import instruction_pairs, number_words
+from safetensors.torch import load_file
+
+from finetune.config.model import ModelParams
+from finetune.models import load_base_model, load_tokenizer
 
 
 def test_dataset_file_is_the_generator_output():

@@ -1,4 +1,4 @@
-from stages.compare import bar_rows, compare, markdown, verdict
+from finetune.comparison import bar_rows, compare, markdown, verdict
 
 
 def test_compare_gives_base_finetuned_delta_for_shared_numeric_metrics():

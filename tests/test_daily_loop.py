@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, argument, stage_arguments
 
-from stages import base_model, metrics as M
-from stages.evaluate import score
-from stages.params import EvaluateParams
-from stages.review import summary_line
-from stages.tracking import progress_line, rough_duration
-
-ROOT = Path(__file__).resolve().parents[1]
+from finetune import metrics as M
+from finetune.config.evaluate import EvaluateParams
+from finetune.identity import identity
+from finetune.io import markdown_table
+from finetune.tasks.causal_lm import score
+from finetune.training.progress import progress_line, rough_duration
+from tools.review import summary_line
 
 
 def declared_metric_files(root: Path) -> list[Path]:
@@ -82,17 +83,19 @@ def test_costs_say_which_way_is_better():
 
 
 def test_metric_files_nest_under_one_key_and_read_back_flat():
-    nested = M.nest("metrics/train.json", {"steps": 3})
+    nested = M.nest("training", {"steps": 3})
     assert nested == {"training": {"steps": 3}}
-    assert M.unnest("metrics/train.json", nested) == {"steps": 3}
-    assert M.unnest("metrics/train.json", {"steps": 3}) == {"steps": 3}  # written before the grouping
+    assert M.unnest(nested) == {"steps": 3}
+    assert M.unnest({"steps": 3}) == {"steps": 3}  # written before the grouping, or the flat headline
+    with pytest.raises(KeyError, match="no metric group 'train'"):
+        M.nest("train", {"steps": 3})
 
 
 def test_the_headline_file_is_small_and_flat():
-    headline = json.loads((ROOT / M.HEADLINE_FILE).read_text())
+    headline = json.loads((ROOT / argument("compare", "--headline")).read_text())
     assert list(headline) == [k for k in M.HEADLINE if k in headline] and len(headline) >= 4
     assert all(isinstance(v, int | float) for v in headline.values())
-    finetuned = M.unnest("metrics/eval_finetuned.json", json.loads((ROOT / "metrics/eval_finetuned.json").read_text()))
+    finetuned = M.unnest(json.loads((ROOT / argument("evaluate", "--metrics")).read_text()))
     assert all(headline[k] == finetuned[k] for k in headline)
 
 
@@ -100,7 +103,7 @@ def test_every_declared_group_is_dropped_by_the_readme_pattern():
     import re
 
     drop = re.compile(M.DIAGNOSTICS_DROP)
-    for group in set(M.GROUPS.values()) - {"merged"}:  # eval_merged.json is not a DVC metric
+    for group in set(M.GROUPS) - {"merged"}:  # eval_merged.json is not a DVC metric
         assert drop.match(f"{group}.anything")
     for kept in ("exact_match", "bleu", "rougeL", "eval_loss", "train.learning_rate", "lora.r", "Experiment"):
         assert not drop.match(kept)
@@ -127,12 +130,12 @@ def test_base_model_identity_follows_the_files(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights")
     cache: dict = {}
-    first = base_model.identity(str(folder), None, cache)
+    first = identity(str(folder), None, cache)
     assert first["source"] == "folder" and list(first["files"]) == ["model.safetensors"]
-    assert base_model.identity(str(folder), None, cache) == first
+    assert identity(str(folder), None, cache) == first
     (folder / "model.safetensors").write_bytes(b"other weights")  # overwritten in place
-    assert base_model.identity(str(folder), None, cache) != first
-    assert base_model.identity("Qwen/Qwen2.5-0.5B", "abc123", {}) == \
+    assert identity(str(folder), None, cache) != first
+    assert identity("Qwen/Qwen2.5-0.5B", "abc123", {}) == \
         {"model_name": "Qwen/Qwen2.5-0.5B", "source": "hub", "revision": "abc123"}
 
 
@@ -142,8 +145,8 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line(workdir):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(workdir / "hf-home"),
            "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=workdir, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", "stages.prepare", *stage_arguments("prepare")], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
@@ -161,7 +164,6 @@ def test_every_stage_that_loads_the_base_model_depends_on_its_identity():
 
 
 def test_markdown_tables_have_one_shape():
-    from stages.common import markdown_table
 
     assert markdown_table(["metric", "value", ""], [["bleu", 90.8, ""], ["a|b", 1, "↑"]], "lr") == [
         "| metric | value | |", "|---|--:|---|", "| bleu | 90.8 | |", "| a|b | 1 | ↑ |"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from stages import metrics as M
+from finetune import metrics as M
 
 
 def test_exact_match_collapses_whitespace_but_keeps_case():

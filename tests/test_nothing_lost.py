@@ -2,7 +2,8 @@
 file, line or record, and every file that was there before (the repository's tracked files, untracked files beside
 them, the previous run's outputs, checkpoints and metrics/live) is still there byte for byte afterwards.
 
-The stages run through their real entry points (`run_main(stage.main)`, as `python -m stages.<name>` does) in a copy
+The stages run through their real entry points (`run_main(stage.main)` with dvc.yaml's arguments, as
+`python -m stages.<name>` does) in a copy
 of a repository holding a finished toy run.
 """
 
@@ -20,15 +21,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, argument, run_prepare, stage_arguments, stage_main, toy_params_dict, write_toy_data
 
-from stages import evaluate, merge, outputs, params as params_stage, prepare, train
-from stages.common import run_main
-from stages.tracking import read_series
+from finetune import outputs
+from finetune.config.data import DataParams
+from finetune.config.params import load_params
+from finetune.data import prepare
+from finetune.data.records import CSV_FIELD_LIMIT, BadRecords, load_examples
+from finetune.entrypoint import run_main
+from finetune.tracking.history import read_series
+from finetune.training import run as training_run
+from finetune.training.checkpoints import FINISHED
 
-from conftest import ROOT, toy_params_dict, write_toy_data
 
-MAINS = {"params": params_stage.main, "prepare": prepare.main, "train": train.main, "evaluate": evaluate.main,
-         "merge": merge.main}
+def stage_command(name: str, *argv: str) -> tuple[object, list[str]]:
+    """A stage's main() and its sys.argv as dvc.yaml runs it; `evaluate --model merged` scores the merged model,
+    with evaluate's arguments for it."""
+    if name == "evaluate" and argv[:1] == ("--model",):
+        return stage_main("evaluate"), ["evaluate", *(a.replace("finetuned", argv[1])
+                                                      for a in stage_arguments("evaluate"))]
+    return stage_main(name), [name, *stage_arguments(name), *argv]
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
            "GIT_COMMITTER_EMAIL": "t@example.com"}
 
@@ -49,15 +61,16 @@ def finished(tmp_path_factory, toy_model_dir) -> Path:
     (repo / "scripts").mkdir()
     (repo / "scripts/tool.py").write_text("print('a tracked script')\n")
     (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")  # the DAG, which names what no output may overwrite
     git(repo, "init", "-q")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "toy repository")
     (repo / "models/notes.txt").write_text("an untracked note\n")
     argv = sys.argv
     with contextlib.chdir(repo):
-        for name, args in (("prepare", []), ("train", []), ("evaluate", ["--model", "finetuned"]), ("merge", [])):
-            sys.argv = [name, *args]
-            run_main(MAINS[name])
+        for name in ("prepare", "train", "evaluate", "merge"):
+            main, sys.argv = stage_command(name)
+            run_main(main)
     sys.argv = argv
     return repo
 
@@ -89,10 +102,11 @@ def set_params(repo: Path, changes: dict[str, object], raw: dict[str, str] | Non
 
 def run_stage(name: str, monkeypatch, capsys, *argv: str) -> tuple[int, str]:
     """Exit status and everything printed by one stage's entry point."""
-    monkeypatch.setattr(sys, "argv", [name, *argv])
+    main, command = stage_command(name, *argv)
+    monkeypatch.setattr(sys, "argv", command)
     capsys.readouterr()
     try:
-        run_main(MAINS[name])
+        run_main(main)
         status = 0
     except SystemExit as done:
         status = done.code
@@ -121,7 +135,7 @@ REFUSED = {
     "outputs overlap": (["train"], {"train.finetuned_dir": "models/checkpoints/final"}, {},
                         "train.finetuned_dir: models/checkpoints/final overlaps train.output_dir"),
     "merged over the prepared data": (["merge"], {"export.merged_dir": "data"}, {},
-                                      "export.merged_dir: data would overwrite the raw data"),
+                                      "export.merged_dir: data would overwrite the prepare stage's input data/raw"),
     "NaN learning rate": (["train"], {"train.learning_rate": float("nan")}, {},
                           "train.learning_rate: nan is not a finite number"),
     "infinite learning rate": (["train"], {}, {"raw": {"train.learning_rate": "1e400"}},
@@ -172,7 +186,7 @@ REFUSED = {
         "data/raw/toy.jsonl:3: the key 'prompt' appears twice in one object"),
     "a CSV field over the limit": (
         ["prepare"], {"data.path": "data/raw/x.csv"},
-        {"data/raw/x.csv": "prompt,response\na,b\n\"" + "x" * (prepare.CSV_FIELD_LIMIT + 1) + "\",c\nd,e\n"},
+        {"data/raw/x.csv": "prompt,response\na,b\n\"" + "x" * (CSV_FIELD_LIMIT + 1) + "\",c\nd,e\n"},
         "data/raw/x.csv:3: field larger than field limit"),
     "an invalid UTF-8 byte in a CSV": (
         ["prepare"], {"data.path": "data/raw/x.csv"},
@@ -264,7 +278,7 @@ def test_a_killed_runs_leftovers_are_never_kept(repo, monkeypatch, capsys):
     write_jsonl = prepare.write_jsonl
     monkeypatch.setattr(prepare, "write_jsonl", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prepare.run(prepare.load_params())
+        run_prepare(load_params())
     assert snapshot(repo, "data/prepared") == before and not list((repo / "data").glob(".prepared.tmp-*"))
 
     monkeypatch.setattr(prepare, "write_jsonl", write_jsonl)
@@ -300,8 +314,6 @@ def test_valid_files_from_windows_tools_are_read_whole(repo, monkeypatch, capsys
 
 
 def test_skip_drops_exactly_the_bad_records_and_keeps_each_records_types(repo):
-    from stages.params import DataParams
-    from stages.prepare import BadRecords, load_examples
 
     mixed = records(50) + [{"prompt": "p", "response": 940}] + [{"prompt": "Count", "response": "940"}] * 9
     (repo / "data/raw/a.json").write_text(json.dumps(mixed))
@@ -319,7 +331,7 @@ def test_skip_drops_exactly_the_bad_records_and_keeps_each_records_types(repo):
 
 def unfinish(repo: Path) -> None:
     """As if the finished run had been killed after its last checkpoint."""
-    (repo / "models/checkpoints" / train.FINISHED).unlink()
+    (repo / "models/checkpoints" / FINISHED).unlink()
 
 
 def truncate(path: Path) -> None:
@@ -387,22 +399,22 @@ def test_a_late_failure_leaves_a_run_that_resumes(repo, finished, monkeypatch, c
     """Writing metrics/train.json fails (a full disk): the run exits non-zero naming the file and is not marked
     finished, so the next run resumes from its last checkpoint instead of training again from zero."""
     set_params(repo, {"train.seed": 7})
-    write_json = train.write_json
+    write_json = training_run.write_json
 
     def full_disk(path, data):
-        if Path(path) == train.METRICS_FILE:
+        if Path(path) == argument("train", "--metrics"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         write_json(path, data)
 
-    monkeypatch.setattr(train, "write_json", full_disk)
+    monkeypatch.setattr(training_run, "write_json", full_disk)
     status, output = run_stage("train", monkeypatch, capsys)
     assert status == 1 and "error: metrics/train.json: No space left on device" in output
     assert "Traceback" not in output
-    assert not (repo / "models/checkpoints" / train.FINISHED).exists()
+    assert not (repo / "models/checkpoints" / FINISHED).exists()
     adapter = snapshot(repo, "models/finetuned")  # the seed-7 run's, already in place
     assert adapter != snapshot(finished, "models/finetuned")
 
-    monkeypatch.setattr(train, "write_json", write_json)
+    monkeypatch.setattr(training_run, "write_json", write_json)
     status, output = run_stage("train", monkeypatch, capsys)
     assert status == 0, output
     assert "resuming from models/checkpoints/checkpoint-6:" in output and "starting fresh" not in output
@@ -412,7 +424,7 @@ def test_a_late_failure_leaves_a_run_that_resumes(repo, finished, monkeypatch, c
     before = json.loads((finished / "metrics/train.json").read_text())["training"]
     assert written["final_train_loss"] != before["final_train_loss"]
     assert snapshot(repo, "models/finetuned") == adapter
-    assert (repo / "models/checkpoints" / train.FINISHED).exists()
+    assert (repo / "models/checkpoints" / FINISHED).exists()
 
 
 def test_outputs_given_as_other_spellings_and_lookalike_folders_are_safe(repo, monkeypatch, capsys):

@@ -10,9 +10,10 @@ import subprocess
 import pytest
 import yaml
 
-from stages import outputs
-from stages.common import StageError
-from stages.params import ParamsError, tracked_files
+from finetune import outputs
+from finetune.config.paths import tracked_files
+from finetune.config.schema import ParamsError
+from finetune.errors import StageError
 
 
 def staged_with(dest, files: dict[str, str]):

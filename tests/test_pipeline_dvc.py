@@ -12,13 +12,13 @@ import time
 import warnings
 from pathlib import Path
 
+import browser
 import pytest
 import yaml
-
-import browser
 from conftest import copy_dvc_config
-from stages.metrics import DIAGNOSTICS_DROP, base_name
 from test_daily_loop import undeclared
+
+from finetune.metrics import DIAGNOSTICS_DROP, base_name
 
 pytestmark = pytest.mark.e2e
 
@@ -75,7 +75,7 @@ def find_runs(node) -> list[dict]:
 
 
 def review(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.review", *args], cwd=repo, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tools.review", *args], cwd=repo, capture_output=True, text=True,
                           env=ENV, check=False)
 
 
@@ -131,6 +131,20 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "shorter generations")
 
+    # A new option in the tracking section, its schema code and its key: of the stages that do work, only train
+    # (which reads that section) is out of date; prepare and evaluate_base are not ("params" checks the whole file).
+    schema = repo / "finetune/config/tracking.py"
+    schema.write_text(schema.read_text().replace(
+        "    log_model: bool = True  # the adapter (or, for full fine-tuning, the whole model) as a run artifact\n",
+        "    log_model: bool = True  # the adapter (or, for full fine-tuning, the whole model) as a run artifact\n"
+        "    tags: list[str] | None = None  # extra run tags\n"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tracking"]["mlflow"]["tags"] = None
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stale = set(json.loads(dvc(repo, "status", "--json")))
+    assert stale == {"params", "base_model", "train"}, stale  # base_model: always changed
+    sh(repo, "git", "checkout", "finetune/config/tracking.py", "params.yaml")
+
     # A train param, as an experiment: train and everything downstream of it, and exp show reports its metrics.
     out = dvc(repo, "exp", "run", "-S", "train.learning_rate=0.001")
     assert stages_run(out) == {"params", "base_model", "train", "evaluate", "merge", "compare"}
@@ -180,8 +194,22 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
                                 capture_output=True, text=True)
         assert failed.returncode != 0 and message in failed.stdout + failed.stderr, setting
         (repo / "params.yaml").write_text(params_text)  # -S wrote the bad value there
+        # DVC removed the outputs of any stage it started (no output is persist, as the run-cache requires):
+        # `dvc repro` of the params before restores every one of them from the run-cache, byte for byte
+        restored = dvc(repo, "repro")
+        assert "step " not in restored, setting  # nothing trained again
         assert workspace(repo) == before, setting
     sh(repo, "git", "checkout", "params.yaml")
+
+    # DVC's run-cache: back to params already run, train's outputs come back without training.
+    trained = dvc(repo, "exp", "run", "-S", "train.max_steps=4")
+    assert "train" in stages_run(trained) and re.search(r"^step 4/4", trained, re.M)
+    dvc(repo, "exp", "run", "-S", "train.max_steps=5")
+    again = dvc(repo, "exp", "run", "-S", "train.max_steps=4")
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in again
+    assert "train" not in stages_run(again) and "step " not in again
+    sh(repo, "git", "checkout", "params.yaml")
+    dvc(repo, "repro")  # the workspace back at main's params, from the run-cache too
 
     # The pull-request review of an experiment against main, with a planted regression: a learning rate too small
     # to learn anything in the toy's 6 steps.

@@ -11,14 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import browser
+import pytest
 from build_plots_page import page_html, template_path
 from conftest import ROOT, copy_dvc_config
-from stages.compare import bar_rows, compare
-from stages.evaluate import confusion_rows
-from stages.params import EvaluateParams
+
+from finetune.comparison import bar_rows, compare
+from finetune.config.evaluate import EvaluateParams
+from finetune.tasks.causal_lm import confusion_rows
 
 pytestmark = pytest.mark.skipif(not browser.chromium() and os.environ.get("REQUIRE_BROWSER") != "1",
                                 reason="no Chromium (apt-get install chromium)")

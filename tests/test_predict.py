@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT, stage_argv, stage_main, toy_params_dict, write_toy_data
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from stages import common, evaluate, merge, predict, prepare, train
-from stages.common import StageError, read_jsonl, run_main
-from stages.params import PrepareParams
-
-from conftest import ROOT, toy_params_dict, write_toy_data
+from finetune.config.data import PrepareParams
+from finetune.entrypoint import run_main
+from finetune.errors import StageError
+from finetune.io import read_jsonl
+from finetune.tasks.causal_lm import chat_template
+from tools import predict
+from tools.predict import read_prompts
 
 TEMPLATE = PrepareParams().template  # the toy params keep params.yaml's template
 
@@ -34,9 +37,9 @@ def trained(tmp_path_factory, toy_model_dir) -> Path:
     argv = sys.argv
     try:
         with contextlib.chdir(root):
-            for stage, args in ((prepare, []), (train, []), (evaluate, ["--model", "finetuned"]), (merge, [])):
-                sys.argv = [stage.__name__, *args]
-                run_main(stage.main)
+            for stage in ("prepare", "train", "evaluate", "merge"):
+                sys.argv = stage_argv(stage)
+                run_main(stage_main(stage))
     finally:
         sys.argv = argv
     return root
@@ -90,7 +93,7 @@ def test_predict_answers_as_evaluate_did_from_arguments_file_and_stdin(done, cap
     assert "prompt template: the one saved with the model (models/finetuned)" in err
     assert "generation: max_new_tokens=8, do_sample=False (the rest from params evaluate)" in err
 
-    out = subprocess.run([sys.executable, "-m", "stages.predict", "-"], input="\n".join(prompts), cwd=done,
+    out = subprocess.run([sys.executable, "-m", "tools.predict", "-"], input="\n".join(prompts), cwd=done,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr
@@ -158,7 +161,7 @@ def test_saved_template_and_settings_win_over_changed_params(done, tmp_path, mon
 ])
 def test_chat_template_renders_exactly_the_training_template(template, toy_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(toy_model_dir)
-    tokenizer.chat_template = common.chat_template(template)
+    tokenizer.chat_template = chat_template(template)
     for prompt in ["Spell out 5.", "{{ not jinja }} {% raw %}\n  indented", ""]:
         user = [{"role": "user", "content": prompt}]
         assert tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True) == \
@@ -171,13 +174,13 @@ def test_chat_template_renders_exactly_the_training_template(template, toy_model
 
 
 def test_read_prompts_takes_lines_or_jsonl():
-    assert predict.read_prompts("a b\r\n\n  \n c \n", "f") == ["a b", " c "]
-    assert predict.read_prompts('{"prompt": "x\\ny", "id": 1}\n\n{"prompt": "z"}', "f") == ["x\ny", "z"]
-    assert predict.read_prompts("[1, 2]\n", "f") == ["[1, 2]"]  # JSON, but not an object: a text prompt
+    assert read_prompts("a b\r\n\n  \n c \n", "f") == ["a b", " c "]
+    assert read_prompts('{"prompt": "x\\ny", "id": 1}\n\n{"prompt": "z"}', "f") == ["x\ny", "z"]
+    assert read_prompts("[1, 2]\n", "f") == ["[1, 2]"]  # JSON, but not an object: a text prompt
     with pytest.raises(StageError, match='f:3: no "prompt" string'):
-        predict.read_prompts('{"prompt": "x"}\n\n{"text": "y"}\n', "f")
+        read_prompts('{"prompt": "x"}\n\n{"text": "y"}\n', "f")
     with pytest.raises(StageError, match="f:2: no"):
-        predict.read_prompts('{"prompt": "x"}\nplain\n', "f")
+        read_prompts('{"prompt": "x"}\nplain\n', "f")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -3,12 +3,18 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_prepare
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
-from stages.common import IGNORE_INDEX, StageError, read_jsonl
-from stages.params import DataParams, EvaluateParams, PrepareParams, load_params
-from stages.prepare import BadRecords, Example, load_examples, run, split_examples, split_labels, tokenize_example
+from finetune.batching import IGNORE_INDEX
+from finetune.config.data import DataParams, PrepareParams
+from finetune.config.evaluate import EvaluateParams
+from finetune.config.params import load_params
+from finetune.data.records import BadRecords, Example, load_examples
+from finetune.data.splits import split_examples, split_labels
+from finetune.errors import StageError
+from finetune.io import read_jsonl
+from finetune.tasks.causal_lm import tokenize_example
 
 
 @pytest.fixture
@@ -153,10 +159,10 @@ def test_prompt_longer_than_max_length_is_a_bad_record(workdir):
     lines[4] = json.dumps({"prompt": "Spell out the number 5. " * 30, "response": "five"})
     data.write_text("\n".join(lines) + "\n")
     with pytest.raises(StageError, match=re.escape("data/raw/toy.jsonl:5: the prompt alone is")):
-        run(load_params())
+        run_prepare(load_params())
     params = load_params()
     params.data.on_bad_record = "skip"
-    stats = run(params)
+    stats = run_prepare(params)
     assert stats["bad_prompt_too_long"] == 1 and stats["bad_records"] == 1
     assert stats["train_examples"] + stats["validation_examples"] + stats["test_examples"] == 119
 
@@ -166,11 +172,11 @@ def test_skip_policy_never_leaves_an_empty_dataset(workdir):
     params = load_params()
     params.data.on_bad_record = "skip"
     with pytest.raises(StageError, match="no usable examples"):
-        run(params)
+        run_prepare(params)
 
 
 def test_run_writes_splits_and_stats(workdir):
-    stats = run(load_params())
+    stats = run_prepare(load_params())
     splits = {name: read_jsonl(workdir / f"data/prepared/{name}.jsonl") for name in ("train", "validation", "test")}
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [90, 12, 18]
     assert stats["train_examples"] == 90 and stats["test_examples"] == 18

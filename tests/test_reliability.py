@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_prepare, run_train, stage_arguments
 
-from stages import prepare, train
-from stages.params import load_params
-from stages.tracking import read_series
+from finetune.config.params import load_params
+from finetune.tracking.history import read_series
+from finetune.training.callbacks import Diverged
+from finetune.training.checkpoints import FINISHED, MARKER
 
 # Long enough to be killed mid-run, aligned so that every checkpoint falls on a logging boundary.
 RESUMABLE = {"max_steps": 40, "save_steps": 5, "logging_steps": 5, "eval_steps": 10, "save_total_limit": 3}
@@ -40,13 +42,13 @@ def set_section(workdir: Path, section: str, **values) -> None:
 def start_train(workdir: Path) -> subprocess.Popen:
     # A shell that starts jobs in the background ignores SIGINT in them, and Python then keeps ignoring it;
     # restore the default so Ctrl-C reaches the stage as it would from a terminal.
-    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=workdir, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def train_to_end(workdir: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -67,7 +69,7 @@ def sha256(path: Path) -> str:
 def resumable(workdir):
     """A prepared workdir with resumable settings."""
     set_train(workdir, **RESUMABLE)
-    prepare.run(load_params())
+    run_prepare(load_params())
     return workdir
 
 
@@ -78,7 +80,7 @@ def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(r
     train_to_end(reference)
     set_section(workdir, "tracking", mlflow={"enabled": True})  # tracked here (not part of what training does)
     proc = start_train(workdir)
-    wait_for(workdir / "models/checkpoints/checkpoint-15" / train.MARKER, proc)
+    wait_for(workdir / "models/checkpoints/checkpoint-15" / MARKER, proc)
     # killed once step 20 is logged (so DVCLive holds rows past the checkpoint that will be resumed)
     wait_for(workdir / "models/checkpoints/live/plots/metrics/train/loss.tsv", proc,  # the run's own history
              until=lambda path: "\n20\t" in path.read_text())
@@ -122,12 +124,12 @@ def test_killed_training_resumes_from_the_latest_complete_checkpoint_bit_exact(r
 
 
 def test_a_tracker_enabled_when_training_resumes_gets_the_history_so_far(resumable):
-    train.run(load_params())  # untracked
+    run_train(load_params())  # untracked
     checkpoints = resumable / "models/checkpoints"
-    (checkpoints / train.FINISHED).unlink()
+    (checkpoints / FINISHED).unlink()
     shutil.rmtree(checkpoints / "checkpoint-40")  # as if killed after step 35's checkpoint
     set_section(resumable, "tracking", mlflow={"enabled": True})
-    train.run(load_params())  # resumes from step 35, now with MLflow
+    run_train(load_params())  # resumes from step 35, now with MLflow
     (run,) = mlflow_runs(resumable)
     for series in ("train/loss", "eval/loss", "train/learning_rate"):
         logged = [(m.step, m.value) for m in mlflow_client(resumable).get_metric_history(run.info.run_id, series)]
@@ -148,10 +150,10 @@ def mlflow_runs(workdir: Path) -> list:
 
 def test_checkpoints_of_other_params_are_never_resumed(resumable, capsys):
     params = load_params()
-    train.run(params)
-    (resumable / "models/checkpoints" / train.FINISHED).unlink()  # as if that run had been killed
+    run_train(params)
+    (resumable / "models/checkpoints" / FINISHED).unlink()  # as if that run had been killed
     params.train.learning_rate = 1e-3  # another experiment now
-    train.run(params)
+    run_train(params)
     out = capsys.readouterr().out
     assert "from a run with other params, data or code; removing it" in out
     assert "starting fresh" in out and not re.search("^resuming from", out, re.M)
@@ -159,8 +161,8 @@ def test_checkpoints_of_other_params_are_never_resumed(resumable, capsys):
 
 def test_a_finished_run_is_not_resumed(resumable, capsys):
     params = load_params()
-    train.run(params)
-    train.run(params)  # same params again, as dvc repro -f would
+    run_train(params)
+    run_train(params)  # same params again, as dvc repro -f would
     out = capsys.readouterr().out
     assert "finished: starting fresh" in out and not re.search("^resuming from", out, re.M)
 
@@ -168,7 +170,7 @@ def test_a_finished_run_is_not_resumed(resumable, capsys):
 def test_ctrl_c_saves_nothing_final(resumable):
     workdir = resumable
     proc = start_train(workdir)
-    wait_for(workdir / "models/checkpoints/checkpoint-10" / train.MARKER, proc)
+    wait_for(workdir / "models/checkpoints/checkpoint-10" / MARKER, proc)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate()[0]
     assert proc.returncode == 2 and "interrupted: nothing final was written" in output
@@ -178,20 +180,20 @@ def test_ctrl_c_saves_nothing_final(resumable):
 def test_divergence_stops_training_naming_the_step(workdir):
     set_train(workdir, learning_rate=1e6, max_steps=30, save_steps=2, logging_steps=1)
     params = load_params()
-    prepare.run(params)
-    with pytest.raises(train.Diverged, match=r"training diverged at step (\d+): (training loss|gradient norm) is "
+    run_prepare(params)
+    with pytest.raises(Diverged, match=r"training diverged at step (\d+): (training loss|gradient norm) is "
                                              r"(nan|inf).* Last good checkpoint: "):
-        train.run(params)
+        run_train(params)
     assert not (workdir / "models/finetuned").exists()
 
 
 def test_same_seed_same_adapter_other_seed_other_adapter(workdir):
     params = load_params()
-    prepare.run(params)
+    run_prepare(params)
     digests = []
     for seed in (1, 1, 2):
         params.train.seed = seed
-        metrics = train.run(params)
+        metrics = run_train(params)
         digests.append((sha256(workdir / "models/finetuned/adapter_model.safetensors"),
                         {k: metrics[k] for k in COMPARED}))
     assert digests[0] == digests[1]

@@ -7,11 +7,11 @@ import re
 import shutil
 
 import pytest
-
-from stages.common import StageError, load_base_model, load_tokenizer
-from stages.params import ModelParams
-
 from conftest import ROOT
+
+from finetune.config.model import ModelParams
+from finetune.errors import StageError
+from finetune.models import load_base_model, load_tokenizer
 
 
 @pytest.fixture

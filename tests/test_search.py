@@ -12,10 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_prepare, run_train
 
 from bench.search import stand_in_repo
-from stages import search
-from stages.common import StageError
+from finetune.config.params import load_params
+from finetune.errors import StageError
+from finetune.training.callbacks import TRIAL_ENV
+from tools import search
+from tools.search import experiments as search_experiments
+from tools.search.config import Dimension, SearchConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,9 +90,9 @@ def restage(repo: Path, handshake: Path) -> None:
 
 
 def run_and_answer(repo: Path, config: Path, handshake: Path) -> list[str]:
-    """`python -m stages.search`, telling each waiting trial when its first line has come through; its stdout."""
+    """`python -m tools.search`, telling each waiting trial when its first line has come through; its stdout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.search", "--config", str(config)], cwd=repo, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.search", "--config", str(config)], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
@@ -111,8 +116,11 @@ def test_each_strategy_runs_its_trials_as_dvc_experiments(stand_in, strategy, tr
     values = [t["value"] for t in board["trials"]]
     assert values == sorted(values, reverse=True)  # leaderboard sorted by the objective
     best = board["trials"][0]
-    score = json.loads(git(stand_in, "show", f"{search.experiment_ref(best['experiment'])}:metrics/score.json"))
-    assert score["score"] == best["value"]  # read back from the experiment itself
+    ref = next(r for r in git(stand_in, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+               if r.endswith("/" + best["experiment"]))
+    score = json.loads(git(stand_in, "show", f"{ref}:metrics/score.json"))
+    assert score["score"] == best["value"]  # read back from the experiment itself (its git ref), independently
+    assert search_experiments.experiment_metrics(best["experiment"])["metrics/score.json"] == score
     if strategy == "grid":
         combos = {(t["params"]["x"], t["params"]["lr"], t["params"]["kind"]) for t in board["trials"]}
         assert len(combos) == 4
@@ -141,7 +149,7 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(stand_in):
 def test_a_stopped_search_resumes_with_only_the_remaining_trials(stand_in):
     path = config_file(stand_in, trials=4)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.search", "--config", str(path)], cwd=stand_in, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.search", "--config", str(path)], cwd=stand_in, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     finished = 0
     for line in proc.stdout:  # once two trials are done, kill the search and the trial it started, as Ctrl-C would
@@ -151,7 +159,7 @@ def test_a_stopped_search_resumes_with_only_the_remaining_trials(stand_in):
             break
     proc.wait()
     assert experiments(stand_in) >= {"s-0", "s-1"}
-    done = subprocess.run([sys.executable, "-m", "stages.search", "--config", str(path)], cwd=stand_in, env=env,
+    done = subprocess.run([sys.executable, "-m", "tools.search", "--config", str(path)], cwd=stand_in, env=env,
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     board = json.loads((stand_in / "search/leaderboard.json").read_text())
@@ -173,14 +181,14 @@ def test_a_changed_search_config_is_not_mixed_into_an_old_study(stand_in):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"strategy": "annealing"}, "strategy: 'annealing' is not one of grid, random, bayes"),
+    ({"strategy": "annealing"}, "strategy: 'annealing' is not 'grid' or 'random' or 'bayes'"),
     ({"objective": {"metric": "score"}}, "objective.metric: 'score' must be <metrics file>:<key>"),
     ({"space": {"x": {"type": "float", "low": 3, "high": 1}}}, "space.x: low (3) must be below high (1)"),
     ({"space": {"x": {"type": "float", "low": 0, "high": 1, "log": True}}}, "space.x: log: true needs low > 0"),
     ({"strategy": "grid", "space": {"x": {"type": "float", "low": 0, "high": 1}}}, "space.x.values: the grid"),
     ({"trails": 3}, "trails: unknown key"),
     ({"space": {"x": {"low": 0, "high": 1}}}, "space.x.type: missing"),
-    ({"parallel": "two"}, "parallel: 'two' must be a positive integer"),
+    ({"parallel": "two"}, "parallel: 'two' is not an integer"),
     ({"objective": {"metric": "m.json:a", "tiebreak": "m.json:b"}}, "objective.tiebreak: unknown key"),
     ({"objective": {"metric": "m.json:a", "secondary": "m.json:b"}}, "objective.secondary: expected a mapping"),
     ({"objective": {"metric": "m.json:a", "secondary": {"metric": "m.json:b"}}},
@@ -190,13 +198,13 @@ def test_a_changed_search_config_is_not_mixed_into_an_old_study(stand_in):
     ({"objective": {"metric": "m.json:a", "secondary": {"metric": "m.json:a", "direction": "minimize"}}},
      "objective.secondary.metric: 'm.json:a' is the objective itself"),
     ({"objective": {"metric": "m.json:a", "secondary": {"metric": "m.json:b", "direction": "lowest"}}},
-     "objective.secondary.direction: 'lowest' is not maximize or minimize"),
+     "objective.secondary.direction: 'lowest' is not 'maximize' or 'minimize'"),
     ({"objective": {"metric": "m.json:a", "secondary": {"metric": "m.json:b", "direction": "minimize",
                                                         "wieght": 1}}}, "objective.secondary.wieght: unknown key"),
 ])
 def test_bad_search_config_names_file_and_key(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)  # reading a config needs no repository
-    with pytest.raises(StageError, match=re.escape("search.yaml: " + message)):
+    with pytest.raises(StageError, match=r"search\.yaml:\d+: " + re.escape(message)):
         search.load_config(config_file(tmp_path, **change))
 
 
@@ -288,11 +296,11 @@ def test_a_tie_is_broken_only_as_far_as_the_secondary_metric_separates_the_trial
                                                                                   ranked, still_tied, says):
     import optuna
 
-    monkeypatch.setattr(search, "experiment_ref", lambda name: None)  # s-4's experiment has no eval_loss either
+    monkeypatch.setattr(search_experiments, "experiment_metrics", lambda name: None)  # s-4's experiment has no eval_loss either
     study = optuna.create_study(direction="maximize")
     for number, exact, loss in ((0, 0.5, 0.4), (1, 0.5, 0.3), (2, 0.25, 0.1), (3, 0.5, 0.3), (4, 0.5, None)):
         study.add_trial(finished_trial(number, exact, loss))
-    config = search.SearchConfig(space=[search.Dimension("kind", "categorical", choices=list(range(5)))],
+    config = SearchConfig(space=[Dimension("kind", "categorical", choices=list(range(5)))],
                                  metric="m.json:exact_match", secondary=secondary, out_dir=str(tmp_path))
     board = search.leaderboard(study, config)
     assert [t["experiment"] for t in board["trials"]] == ranked  # s-2's low loss does not lift it past a tie
@@ -304,11 +312,11 @@ def test_a_tie_is_broken_only_as_far_as_the_secondary_metric_separates_the_trial
 def test_a_secondary_metric_recorded_under_another_name_does_not_break_a_tie(tmp_path, monkeypatch):
     import optuna
 
-    monkeypatch.setattr(search, "experiment_ref", lambda name: None)  # the experiments are gone
+    monkeypatch.setattr(search_experiments, "experiment_metrics", lambda name: None)  # the experiments are gone
     study = optuna.create_study(direction="maximize")
     study.add_trial(finished_trial(0, 0.5, 0.9, secondary="m.json:perplexity"))
     study.add_trial(finished_trial(1, 0.5, 0.1, secondary="m.json:perplexity"))
-    config = search.SearchConfig(space=[search.Dimension("kind", "categorical", choices=list(range(5)))],
+    config = SearchConfig(space=[Dimension("kind", "categorical", choices=list(range(5)))],
                                  metric="m.json:exact_match", secondary="m.json:eval_loss", out_dir=str(tmp_path))
     board = search.leaderboard(study, config)
     assert board["tie"]["broken"] is False and "none of them has m.json:eval_loss" in board["tie"]["summary"]
@@ -317,22 +325,21 @@ def test_a_secondary_metric_recorded_under_another_name_does_not_break_a_tie(tmp
 def test_metric_keys_read_nested_values_and_name_what_is_there():
     headline = {"exact_match": 0.5, "eval_loss": 0.9}
     finetuned = {"finetuned": {"exact_match": 0.25, "summary": {"eval_loss": {"min": 0.8}}}}
-    assert search.lookup(headline, "exact_match", "objective.metric: metrics/headline.json") == 0.5
-    assert search.lookup(finetuned, "finetuned.exact_match", "objective.metric") == 0.25
-    assert search.lookup(finetuned, "finetuned.summary.eval_loss.min", "objective.metric") == 0.8
-    assert search.lookup({"eval.loss": 2}, "eval.loss", "objective.metric") == 2.0
+    assert search_experiments.lookup(headline, "exact_match", "objective.metric: metrics/headline.json") == 0.5
+    assert search_experiments.lookup(finetuned, "finetuned.exact_match", "objective.metric") == 0.25
+    assert search_experiments.lookup(finetuned, "finetuned.summary.eval_loss.min", "objective.metric") == 0.8
+    assert search_experiments.lookup({"eval.loss": 2}, "eval.loss", "objective.metric") == 2.0
     with pytest.raises(StageError, match=re.escape("objective.metric: no key 'exact_mach' under 'finetuned' "
                                                    "(found: exact_match, summary)")):
-        search.lookup(finetuned, "finetuned.exact_mach", "objective.metric")
+        search_experiments.lookup(finetuned, "finetuned.exact_mach", "objective.metric")
     with pytest.raises(StageError, match="finetuned is {.*}, not a number"):
-        search.lookup(finetuned, "finetuned", "objective.metric")
+        search_experiments.lookup(finetuned, "finetuned", "objective.metric")
 
 
-@pytest.mark.parametrize("written", [{"training": {"steps": 3, "pruned_at_step": 3}},  # since the grouping
-                                     {"steps": 3, "pruned_at_step": 3}])  # experiments made before it
-def test_the_train_metrics_of_an_experiment_read_in_either_layout(monkeypatch, written):
-    monkeypatch.setattr(search, "experiment_json", lambda ref, path: written if path == "metrics/train.json" else None)
-    assert search.training_metrics("refs/exps/ab/cdef/s-0")["pruned_at_step"] == 3
+def test_the_train_metrics_of_an_experiment_are_found_by_their_group():
+    files = {"metrics/headline.json": {"exact_match": 0.5}, "m/train.json": {"training": {"pruned_at_step": 3}}}
+    assert search_experiments.training_metrics(files)["pruned_at_step"] == 3
+    assert search_experiments.training_metrics({"metrics/headline.json": {"exact_match": 0.5}}) == {}
 
 
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
@@ -340,8 +347,6 @@ def test_a_trial_trailing_the_median_stops_training_early(workdir, monkeypatch, 
     """Whatever the objective's direction, the trial with the higher validation loss is the one stopped."""
     import optuna
 
-    from stages import prepare, train
-    from stages.params import load_params
 
     sign = -1 if direction == "maximize" else 1  # how the train stage reports a loss to this study
     storage = f"sqlite:///{workdir / 'study.db'}"
@@ -353,10 +358,10 @@ def test_a_trial_trailing_the_median_stops_training_early(workdir, monkeypatch, 
             earlier.report(sign * 0.01, step)
         study.tell(earlier, 1.0)
     trial = study.ask()
-    monkeypatch.setenv(train.TRIAL_ENV, json.dumps({"storage": storage, "study": "p", "trial_id": trial._trial_id,
+    monkeypatch.setenv(TRIAL_ENV, json.dumps({"storage": storage, "study": "p", "trial_id": trial._trial_id,
                                                     "median_pruner": search.MEDIAN_PRUNER}))
     params = load_params()
-    prepare.run(params)
-    metrics = train.run(params)
+    run_prepare(params)
+    metrics = run_train(params)
     assert metrics["pruned_at_step"] == 3 and metrics["steps"] == 3  # of max_steps 6
     assert study.trials[-1].intermediate_values == {3: pytest.approx(sign * metrics["best_eval_loss"])}

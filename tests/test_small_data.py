@@ -7,11 +7,16 @@ import json
 from collections import Counter
 
 import pytest
+from conftest import run_prepare, setup_trainer
 
-from stages import prepare, train
-from stages.common import StageError, read_jsonl
-from stages.params import DataParams, EvaluateParams, TrainParams, load_params, optimizer_steps, schedule_warnings
-from stages.prepare import Example, rare_labels_warning, small_test_warning, split_examples, split_labels
+from finetune.config.data import DataParams
+from finetune.config.evaluate import EvaluateParams
+from finetune.config.params import load_params
+from finetune.config.train import TrainParams, optimizer_steps, schedule_warnings
+from finetune.data.records import Example
+from finetune.data.splits import rare_labels_warning, small_test_warning, split_examples, split_labels
+from finetune.errors import StageError
+from finetune.io import read_jsonl
 
 
 def labelled(counts: dict[str, int]) -> list[str]:
@@ -100,7 +105,7 @@ def test_prepare_stratifies_labelled_data_and_warns(workdir, capsys):
     (workdir / "data/raw/toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
     params = load_params()
     params.data.validation_ratio, params.data.test_ratio = 0.05, 0.1
-    stats = prepare.run(params)
+    stats = run_prepare(params)
     test = read_jsonl(workdir / "data/prepared/test.jsonl")
     assert Counter(row["response"] for row in test) == {"positive": 15, "negative": 15}
     assert stats["train_examples"] == 255
@@ -158,8 +163,8 @@ def test_the_step_count_is_the_trainers_with_packing_and_accumulation(workdir):
     params.train.per_device_train_batch_size, params.train.gradient_accumulation_steps = 4, 3
     params.train.eval_steps = params.train.save_steps = 1000
     assert params.train.packing
-    prepare.run(params)
-    trainer, _, _ = train.setup(params)
+    run_prepare(params)
+    trainer, _, _ = setup_trainer(params)
     trainer.train()
     examples = len(read_jsonl(workdir / "data/prepared/train.jsonl"))
     assert trainer.state.global_step == optimizer_steps(params.train, examples)[0] == 20  # ceil(23 / 3) x 2.5

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_prepare, run_train
 
-from stages import prepare, train, tracking
-from stages.params import Hardware, ParamsError, load_params, parse_params
+from finetune.config.hardware import Hardware
+from finetune.config.params import load_params, parse_params
+from finetune.config.schema import ParamsError
+from finetune.tracking import Tracking
+from finetune.tracking.history import read_series
+from finetune.tracking.trackers import MlflowTracker, WandbTracker, redact, repository_root
+from finetune.training.checkpoints import FINISHED
 
 CANARIES = {"WANDB_API_KEY": "canary-wandb-0123456789abcdef0123456789abcdef01234567",
             "MLFLOW_TRACKING_TOKEN": "canary-mlflow-token-5f1e", "MLFLOW_TRACKING_PASSWORD": "canary-mlflow-pass-77c2",
@@ -41,8 +47,8 @@ def test_mlflow_run_holds_params_step_series_final_metrics_and_adapter(workdir, 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default: a local store in ./mlruns
     enable(workdir, "mlflow", experiment_name="toy", run_name="first")
     params = load_params()
-    prepare.run(params)
-    metrics = train.run(params)
+    run_prepare(params)
+    metrics = run_train(params)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("toy").experiment_id])
@@ -53,7 +59,7 @@ def test_mlflow_run_holds_params_step_series_final_metrics_and_adapter(workdir, 
     live = workdir / "metrics/live"
     for series in ("train/loss", "eval/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second"):
         history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, series)]
-        assert history == tracking.read_series(live, series), series  # the same points DVCLive wrote
+        assert history == read_series(live, series), series  # the same points DVCLive wrote
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/loss")] == [3, 6]
     assert run.data.metrics["final/best_eval_loss"] == metrics["best_eval_loss"]
     assert run.data.metrics["final/steps"] == 6
@@ -72,8 +78,8 @@ def test_mlflow_honours_the_tracking_uri_in_the_environment(workdir, tmp_path_fa
     monkeypatch.setenv("DVC_EXP_NAME", "bright-lamp")  # as dvc exp run sets it: the default run name
     enable(workdir, "mlflow")
     params = load_params()
-    prepare.run(params)
-    train.run(params)
+    run_prepare(params)
+    run_train(params)
     assert not (workdir / "mlruns").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{elsewhere}")
     (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
@@ -83,7 +89,7 @@ def test_mlflow_honours_the_tracking_uri_in_the_environment(workdir, tmp_path_fa
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     enable(workdir, "mlflow", log_model=False, run_name="second")
-    train.run(load_params())
+    run_train(load_params())
     (second,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id],
                                    "attributes.run_name = 'second'")
     assert list(client.list_artifacts(second.info.run_id)) == []  # log_model: false
@@ -95,7 +101,7 @@ def test_a_failing_tracker_is_reported_and_training_goes_on(workdir, monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     enable(workdir, "mlflow")
     params = load_params()
-    prepare.run(params)
+    run_prepare(params)
     calls = []
 
     def flaky(self, step, record):
@@ -103,23 +109,23 @@ def test_a_failing_tracker_is_reported_and_training_goes_on(workdir, monkeypatch
         if len(calls) == 2:
             raise ConnectionError("tracking server went away")
 
-    log = tracking.MlflowTracker.log
-    monkeypatch.setattr(tracking.MlflowTracker, "log", flaky)
-    metrics = train.run(params)  # completes
+    log = MlflowTracker.log
+    monkeypatch.setattr(MlflowTracker, "log", flaky)
+    metrics = run_train(params)  # completes
     assert "warning: mlflow: logging failed (ConnectionError: tracking server went away); training goes on " \
            "without mlflow" in capsys.readouterr().err
     assert calls == [2, 3] and metrics["steps"] == 6  # no further calls after the failure
-    assert [s for s, _ in tracking.read_series(workdir / "metrics/live", "train/loss")] == [2, 4, 6]
+    assert [s for s, _ in read_series(workdir / "metrics/live", "train/loss")] == [2, 4, 6]
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
     assert run.info.status == "FAILED"
 
     # a tracker that cannot finish: reported; the training's outputs stand and it counts as finished
-    monkeypatch.setattr(tracking.MlflowTracker, "log", log)
-    monkeypatch.setattr(tracking.MlflowTracker, "finish", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
-    assert train.run(load_params())["steps"] == 6
+    monkeypatch.setattr(MlflowTracker, "log", log)
+    monkeypatch.setattr(MlflowTracker, "finish", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+    assert run_train(load_params())["steps"] == 6
     assert "warning: mlflow: could not finish its run (OSError: disk full)" in capsys.readouterr().err
-    assert (workdir / params.train.output_dir / train.FINISHED).exists()
+    assert (workdir / params.train.output_dir / FINISHED).exists()
 
 
 def test_a_tracker_that_cannot_start_stops_training_and_closes_the_others(workdir, monkeypatch):
@@ -129,14 +135,14 @@ def test_a_tracker_that_cannot_start_stops_training_and_closes_the_others(workdi
     enable(workdir, "mlflow")
     enable(workdir, "wandb")
     params = load_params()
-    prepare.run(params)
+    run_prepare(params)
 
     def unreachable(self, *args):
         raise RuntimeError("wandb-core did not start")
 
-    monkeypatch.setattr(tracking.WandbTracker, "__init__", unreachable)
+    monkeypatch.setattr(WandbTracker, "__init__", unreachable)
     with pytest.raises(RuntimeError, match="wandb-core did not start"):
-        train.run(params)
+        run_train(params)
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("dvc-finetune").experiment_id])
     assert run.info.status == "FAILED"  # not left RUNNING
@@ -171,8 +177,8 @@ def test_wandb_offline_run_holds_the_history_without_a_login(workdir, secrets, m
         monkeypatch.setenv(name, str(workdir / ".wandb-home" / name.lower()))
     enable(workdir, "wandb", project="toy", run_name="offline-run")
     params = load_params()
-    prepare.run(params)
-    metrics = train.run(params)
+    run_prepare(params)
+    metrics = run_train(params)
 
     (run_file,) = (workdir / "wandb").glob("offline-run-*/run-*.wandb")
     history, config, artifacts, summary = [], {}, [], {}
@@ -191,7 +197,7 @@ def test_wandb_offline_run_holds_the_history_without_a_login(workdir, secrets, m
     live = workdir / "metrics/live"
     for series in ("train/loss", "eval/loss", "train/learning_rate"):
         logged = [(row["_step"], row[series]) for row in history if series in row]
-        assert logged == tracking.read_series(live, series), series
+        assert logged == read_series(live, series), series
     assert config["train.learning_rate"] == 0.005 and config["lora.r"] == params.lora.r
     assert summary["final/best_eval_loss"] == metrics["best_eval_loss"]
     assert [a.type for a in artifacts] == ["model"]
@@ -227,14 +233,14 @@ def test_local_stores_belong_to_the_repository_not_to_a_temporary_experiment_cop
     copy = tmp_path / "repo/.dvc/tmp/exps/tmpab12cd"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
-    assert tracking.repository_root() == (tmp_path / "repo").resolve()
+    assert repository_root() == (tmp_path / "repo").resolve()
     monkeypatch.chdir(tmp_path)
-    assert tracking.repository_root() == tmp_path.resolve()
+    assert repository_root() == tmp_path.resolve()
 
 
 def test_credentials_in_a_tracking_uri_are_not_printed():
-    assert tracking.redact("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
-    assert tracking.redact("sqlite:////tmp/mlruns/mlflow.db") == "sqlite:////tmp/mlruns/mlflow.db"
+    assert redact("https://alice:s3cret@mlflow.example.com:5000/") == "https://***@mlflow.example.com:5000/"
+    assert redact("sqlite:////tmp/mlruns/mlflow.db") == "sqlite:////tmp/mlruns/mlflow.db"
 
 
 def test_a_resumed_run_sends_each_series_step_once_even_when_a_kill_split_a_step(workdir, monkeypatch):
@@ -244,19 +250,19 @@ def test_a_resumed_run_sends_each_series_step_once_even_when_a_kill_split_a_step
     enable(workdir, "mlflow")
     params = load_params()
     output_dir, live = workdir / "models/checkpoints", workdir / "models/checkpoints/live"
-    first = tracking.Tracking(params, output_dir, None, live)
+    first = Tracking(params, output_dir, None, live)
     for step in (5, 10):
         first.log(step, {"train/loss": 2.0 / step})
         first.log(step, {"eval/loss": 3.0 / step})
     first.log(15, {"train/loss": 0.1})  # killed here: step 15's validation loss never reached any tracker
     run_id = first.runs["mlflow"]
 
-    resumed = tracking.Tracking(params, output_dir, 10, live)  # from the checkpoint at step 10
+    resumed = Tracking(params, output_dir, 10, live)  # from the checkpoint at step 10
     assert resumed.runs["mlflow"] == run_id
     assert resumed.held["mlflow"] == {"train/loss": 15, "eval/loss": 10}  # read back from MLflow
     sent = []
-    log = tracking.MlflowTracker.log
-    monkeypatch.setattr(tracking.MlflowTracker, "log", lambda self, step, record: sent.append((step, record))
+    log = MlflowTracker.log
+    monkeypatch.setattr(MlflowTracker, "log", lambda self, step, record: sent.append((step, record))
                         or log(self, step, record))
     resumed.log(15, {"train/loss": 0.1})  # replayed: MLflow has it
     resumed.log(15, {"eval/loss": 0.2})  # it does not
@@ -269,7 +275,7 @@ def test_a_resumed_run_sends_each_series_step_once_even_when_a_kill_split_a_step
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [5, 10, 15, 20]
     assert sorted(m.step for m in client.get_metric_history(run_id, "eval/loss")) == [5, 10, 15, 20]
     # DVCLive: the resumed history holds the steps up to the checkpoint and the replayed ones, each once
-    assert [s for s, _ in tracking.read_series(live, "train/loss")] == [5, 10, 15, 20]
+    assert [s for s, _ in read_series(live, "train/loss")] == [5, 10, 15, 20]
 
 
 def test_a_tracker_dropped_before_a_kill_gets_the_steps_it_missed_on_resume(workdir, monkeypatch):
@@ -277,17 +283,17 @@ def test_a_tracker_dropped_before_a_kill_gets_the_steps_it_missed_on_resume(work
     enable(workdir, "mlflow")
     params = load_params()
     output_dir, live = workdir / "models/checkpoints", workdir / "models/checkpoints/live"
-    first = tracking.Tracking(params, output_dir, None, live)
+    first = Tracking(params, output_dir, None, live)
     first.log(5, {"train/loss": 0.5})
     first.log(10, {"train/loss": 0.4})
-    log = tracking.MlflowTracker.log
-    monkeypatch.setattr(tracking.MlflowTracker, "log", lambda *args: (_ for _ in ()).throw(OSError("server down")))
+    log = MlflowTracker.log
+    monkeypatch.setattr(MlflowTracker, "log", lambda *args: (_ for _ in ()).throw(OSError("server down")))
     first.log(15, {"train/loss": 0.3})  # MLflow dropped here; DVCLive goes on
     first.log(20, {"train/loss": 0.2})
-    monkeypatch.setattr(tracking.MlflowTracker, "log", log)
+    monkeypatch.setattr(MlflowTracker, "log", log)
     run_id = first.runs["mlflow"]
 
-    resumed = tracking.Tracking(params, output_dir, 20, live)  # killed after the checkpoint at step 20
+    resumed = Tracking(params, output_dir, 20, live)  # killed after the checkpoint at step 20
     resumed.log(25, {"train/loss": 0.1})
     resumed.finish({}, Path(), "finished")
     from mlflow import MlflowClient

@@ -1,11 +1,16 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ROOT, run_prepare, run_train, setup_trainer, stage_arguments
 
-from stages import prepare, train
-from stages.params import TrainParams, load_params
-from stages.tracking import read_series
+from finetune.config.params import load_params
+from finetune.config.train import TrainParams
+from finetune.tracking.history import read_series
+from finetune.training.precision import choose_precision
 
 
 @pytest.mark.parametrize("cuda, flags, expected", [
@@ -16,15 +21,15 @@ from stages.tracking import read_series
     (True, {"bf16": True}, ("cuda", "bf16")),
 ])
 def test_choose_precision(cuda, flags, expected):
-    chosen = train.choose_precision(TrainParams(**flags), cuda=cuda)
+    chosen = choose_precision(TrainParams(**flags), cuda=cuda)
     assert (chosen.device, chosen.dtype) == expected
     assert chosen.reason
 
 
 def test_lora_weights_change_and_base_weights_do_not(workdir):
     params = load_params()
-    prepare.run(params)
-    trainer, _, _ = train.setup(params)
+    run_prepare(params)
+    trainer, _, _ = setup_trainer(params)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     trainer.train()
     after = dict(trainer.model.named_parameters())
@@ -36,8 +41,8 @@ def test_lora_weights_change_and_base_weights_do_not(workdir):
 
 def test_run_writes_adapter_tokenizer_config_and_metrics(workdir):
     params = load_params()
-    prepare.run(params)
-    metrics = train.run(params)
+    run_prepare(params)
+    metrics = run_train(params)
     adapter = workdir / params.train.finetuned_dir
     assert (adapter / "adapter_model.safetensors").exists() and (adapter / "tokenizer.json").exists()
     config = json.loads((adapter / "train_config.json").read_text())
@@ -66,3 +71,34 @@ def test_run_writes_adapter_tokenizer_config_and_metrics(workdir):
     assert summary["train_loss"]["mean"] == pytest.approx(sum(losses) / 3, rel=1e-5)
     assert all(s["min"] <= s["mean"] <= s["max"] for s in summary.values())
     assert summary["learning_rate"]["max"] > summary["learning_rate"]["last"]  # linear decay after warmup
+
+
+def test_the_launchers_environment_says_which_process_writes(monkeypatch):
+    from finetune.training import ranks
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert ranks.is_main() and ranks.world_size() == 1 and ranks.summed(3, 4) == [3, 4]
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them, before the Trainer sets up the process group
+    assert not ranks.is_main() and ranks.world_size() == 2
+
+
+def test_two_processes_train_with_one_writer(workdir):
+    """torchrun with two CPU processes (gloo): both train, the main one alone writes, and the counts are the run's."""
+    run_prepare(load_params())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one core each
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "stages.train", *stage_arguments("train")], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.stdout.count("trained 6 steps") == 1  # one report, by the main process
+    metrics = json.loads((workdir / "metrics/train.json").read_text())["training"]
+    assert metrics["processes"] == 2 and metrics["effective_batch_size"] == 2 * 8 and metrics["steps"] == 6
+    assert metrics["tokens_trained"] > metrics["effective_batch_size"] * 6  # both processes' tokens, summed
+    checkpoints = sorted((workdir / "models/checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-3", "checkpoint-6"]
+    assert all((c / "fingerprint.json").exists() for c in checkpoints)  # marked once both had written
+    assert (workdir / "models/checkpoints/FINISHED").exists()
+    assert (workdir / "models/finetuned/adapter_model.safetensors").exists()
+    assert json.loads((workdir / "models/finetuned/train_config.json").read_text())["processes"] == 2

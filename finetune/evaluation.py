@@ -1,0 +1,55 @@
+"""A model scored on the test split: the base (params model), the fine-tuned one (as train left it) or the merged
+export, each loaded as a user would load it, then scored by its task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.config.model import ModelParams
+from finetune.config.params import Params
+from finetune.errors import StageError
+from finetune.io import read_jsonl
+from finetune.models import load_base_model, load_finetuned, load_tokenizer, require_safetensors
+from finetune.tasks import task_for, task_of
+
+MODELS = ("base", "finetuned", "merged")
+
+
+def load_model(params: Params, which: str):
+    """'base': params.model as is; 'finetuned': as the train stage left it (LoRA, QLoRA on its 4-bit base, or full);
+    'merged': the standalone directory the merge stage exported, loaded by plain transformers."""
+    if which == "base":
+        model = load_base_model(params.model)
+    elif which == "finetuned":
+        model = load_finetuned(Path(params.train.finetuned_dir))
+    else:
+        merged_dir = Path(params.export.merged_dir)
+        if not (merged_dir / "config.json").exists():
+            raise StageError(f"{merged_dir}: no merged model; run the merge stage first (dvc repro merge)")
+        require_safetensors(merged_dir, "model.safetensors", "model.safetensors.index.json")
+        model = task_for("causal_lm").model_class().from_pretrained(merged_dir, use_safetensors=True,
+                                                                     attn_implementation="sdpa")
+    if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
+        model = model.to("cuda")
+    return model.eval()
+
+
+def evaluate(params: Params, which: str, test_file: Path) -> tuple[dict, list[dict]]:
+    """Metrics and per-example predictions for `which` ('base', 'finetuned' or 'merged') on `test_file`."""
+    from transformers import set_seed
+
+    test_file = Path(test_file)
+    if not test_file.exists():
+        raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
+    rows = read_jsonl(test_file)
+    set_seed(params.evaluate.seed)
+    # The base's tokenizer comes with params.model (revision, trust_remote_code); ours are saved beside the weights.
+    tokenizer = load_tokenizer(params.model if which == "base" else ModelParams(
+        model_name=params.train.finetuned_dir if which == "finetuned" else params.export.merged_dir))
+    model = load_model(params, which)
+    task = task_of(Path(params.train.finetuned_dir)) if which == "finetuned" else task_for("causal_lm")
+    print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
+    metrics, records = task.evaluate(model, tokenizer, rows, params.evaluate)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, records

@@ -1,0 +1,170 @@
+"""Loading models and tokenizers from a local folder or the hub: safetensors only, no remote code unless params opt in,
+4-bit through bitsandbytes for QLoRA, and a fine-tuned folder as the train stage left it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from finetune.config.model import LoraParams, ModelParams, QuantizationParams
+from finetune.errors import StageError
+
+
+@contextlib.contextmanager
+def fetching(model: ModelParams):
+    """A hub model that cannot be fetched is one line naming the model, the reason and the fixes, not a traceback
+    (transformers raises OSError with several lines; the hub client's own errors subclass it)."""
+    try:
+        yield
+    except OSError as err:
+        if Path(model.model_name).exists():
+            raise  # a local folder: the problem is with its files, and the error names them
+        text = str(err)
+        if "couldn't connect" in text or "offline" in text.lower() or "Connection" in text:
+            reason = "no connection to the Hugging Face hub and no copy in the local cache"
+        elif "gated" in text or "401" in text or "403" in text:
+            reason = "the hub refused access (a gated or private model needs a token with access)"
+        elif "not a valid model identifier" in text or "404" in text:
+            reason = "no such model on the hub, and no folder of that name here"
+        else:
+            reason = text.splitlines()[0] if text else type(err).__name__
+        name = model.model_name + (f" (revision {model.revision})" if model.revision else "")
+        offline = "HF_HUB_OFFLINE is set, so only the Hugging Face cache was searched" \
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else "or set HF_HUB_OFFLINE=1 to use the cache"
+        raise StageError(
+            f"model.model_name: cannot fetch {name}: {reason}. Point model.model_name at a local copy (e.g. "
+            f"`huggingface-cli download {model.model_name} --local-dir models/mine`), set HF_TOKEN for a gated "
+            f"model, {offline}") from None
+
+
+def refuse_remote_code(model: ModelParams) -> None:
+    """A model or tokenizer that ships its own Python code (`auto_map`) runs only when params opt in; reading the
+    config JSON executes nothing."""
+    if model.trust_remote_code:
+        return
+    from transformers import PretrainedConfig
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+    with fetching(model):
+        config, _ = PretrainedConfig.get_config_dict(model.model_name, revision=model.revision)
+        tokenizer_config = get_tokenizer_config(model.model_name, revision=model.revision)
+    for name, found in (("config.json", config), ("tokenizer_config.json", tokenizer_config)):
+        if found.get("auto_map"):
+            raise StageError(
+                f"model.model_name: {model.model_name} ships its own code ({name} has an auto_map: "
+                f"{sorted(found['auto_map'])}); review that code, then set model.trust_remote_code: true to run it")
+
+
+def load_tokenizer(model: ModelParams):
+    from transformers import AutoTokenizer
+
+    refuse_remote_code(model)
+    with fetching(model):
+        tokenizer = AutoTokenizer.from_pretrained(model.model_name, revision=model.revision,
+                                                  trust_remote_code=model.trust_remote_code)
+    if tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise StageError(f"model.model_name: the tokenizer of {model.model_name!r} has no EOS token, "
+                         "so the model could not learn where a response ends")
+    return tokenizer
+
+
+def quantization_config(quant: QuantizationParams):
+    """params.quantization -> transformers' BitsAndBytesConfig (4-bit)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype))
+
+
+def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
+                    model_class=None):
+    """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
+    `quantization` is given (QLoRA), else in `dtype`: float32 unless the weights stay frozen under mixed precision
+    (LoRA with bf16/fp16), where half-size weights halve the memory and autocast computes in that dtype anyway.
+    `model_class` is the task's Auto class (a causal LM when not given)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_class = model_class or AutoModelForCausalLM
+    refuse_remote_code(model)
+    kwargs = {}
+    if quantization is not None:
+        kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
+    with fetching(model):
+        loaded = model_class.from_pretrained(
+            model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
+            attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
+    if quantization is not None:
+        unpacked_4bit_layers(loaded, all_layers=False)
+    return loaded
+
+
+def unpacked_4bit_layers(model, all_layers: bool = True) -> None:
+    """bitsandbytes >= 0.49 repacks a 4-bit layer's weights for AVX512-BF16 inference the first time it runs in eval
+    mode on such a CPU. It cannot repack a layer whose input width is not a multiple of its block size (it fails on
+    the reshape), and it keeps the repacked layout when training resumes, where the backward pass fails ("a view of
+    a leaf Variable ... in-place operation"). Keep the plain layout for those layers, or, for a model being trained
+    (`all_layers`), for every layer: validation runs in eval mode between training steps."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            state = getattr(module.weight, "quant_state", None)
+            if all_layers or state is None or module.in_features % state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+
+
+def read_train_config(finetuned_dir: Path) -> dict:
+    path = finetuned_dir / "train_config.json"
+    if not path.exists():
+        raise StageError(f"{finetuned_dir}: no fine-tuned model found; run the train stage first (dvc repro train)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise StageError(f"{path}: not valid JSON ({err}); rerun the train stage (dvc repro -f train)") from err
+
+
+def require_safetensors(folder: Path, *names: str) -> None:
+    """Refuse a model folder whose weights are not safetensors: a pickle (.bin, .pt) can run code when loaded."""
+    if not any((folder / name).exists() for name in names):
+        pickles = sorted(p.name for p in folder.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        found = f"it holds {', '.join(pickles)} (pickle, which can run code when loaded)" if pickles else \
+            "it holds no weights"
+        raise StageError(f"{folder}: no {' or '.join(names)}: {found}; only safetensors weights are loaded. "
+                         "Convert them with safetensors, or rerun the train stage")
+
+
+def load_finetuned(finetuned_dir: Path, quantized: bool = True):
+    """The fine-tuned model as the train stage left it, read from its own train_config.json: a full model, or the
+    base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_train_config(finetuned_dir)
+    if config["train"]["method"] == "full":
+        require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
+        return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa")
+    from peft import PeftModel
+
+    require_safetensors(finetuned_dir, "adapter_model.safetensors")
+
+    known = {f.name for f in dataclasses.fields(QuantizationParams)}  # train_config.json may hold retired keys
+    quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
+        if config["train"]["method"] == "qlora" and quantized else None
+    base = load_base_model(ModelParams(**config["model"]), quant)
+    return PeftModel.from_pretrained(base, finetuned_dir)
+
+
+def lora_config(lora: LoraParams, task_type: str):
+    """params.lora -> peft's LoraConfig for the task's model (task_type: peft's TaskType, e.g. CAUSAL_LM)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
+                      lora_dropout=lora.lora_dropout, bias=lora.bias, task_type=task_type,
+                      use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+                      modules_to_save=lora.modules_to_save)

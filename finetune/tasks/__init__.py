@@ -1,0 +1,52 @@
+"""The task seam: what a task decides, behind one small interface.
+
+A task says how a raw example becomes a training record (`tokenize`), how records become batches (`collator`), which
+model class loads (`model_class`, and the PEFT task type of its adapter), what is saved with the tokenizer and the
+model for inference (`save_with_tokenizer`, `generation_defaults`), and how a model is scored on the test split
+(`evaluate`). The data readers, the training run, the trackers and the stages are the same for every task.
+
+Causal-LM supervised fine-tuning (`causal_lm`) is the first task.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Task(Protocol):
+    name: str
+    peft_task_type: str  # peft's TaskType for the adapter
+
+    def model_class(self) -> Any:
+        """The transformers Auto class the base model loads with."""
+
+    def tokenize(self, example, tokenizer, prepare) -> tuple[dict | None, str]:
+        """A training record (input_ids, labels, and the fields evaluate needs), or None with the reason."""
+
+    def collator(self, tokenizer, train, prepare, model, rows: list[dict]) -> Any:
+        """The data collator the Trainer batches records with."""
+
+    def save_with_tokenizer(self, tokenizer, prepare) -> None:
+        """Set what inference needs on the tokenizer before it is saved beside the model."""
+
+    def generation_defaults(self, model, tokenizer) -> Any:
+        """The generation config to save with the model, or None."""
+
+    def evaluate(self, model, tokenizer, rows: list[dict], evaluate) -> tuple[dict, list[dict]]:
+        """Metrics and one record per test example (what the predictions file holds)."""
+
+
+def task_for(name: str) -> Task:
+    if name == "causal_lm":
+        from finetune.tasks.causal_lm import CausalLM
+
+        return CausalLM()
+    raise ValueError(f"no task {name!r}; the tasks are: causal_lm")
+
+
+def task_of(model_dir: Path) -> Task:
+    """The task a fine-tuned folder was trained for (its train_config.json; causal_lm before tasks were recorded)."""
+    from finetune.models import read_train_config
+
+    return task_for(read_train_config(Path(model_dir)).get("task", "causal_lm"))

@@ -1,0 +1,130 @@
+"""Trainer callbacks and the Trainer subclass a run uses, each given what it needs when it is created."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from finetune.batching import real_tokens
+from finetune.errors import StageError
+from finetune.io import write_json
+from finetune.outputs import file_digest, written_files
+from finetune.training.checkpoints import MARKER, latest_checkpoint
+from finetune.training.ranks import barrier, is_main
+
+TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by the search tool for a trial that reports to a pruner
+
+
+class StepTimer(TrainerCallback):
+    """Trainer callback timing optimizer steps only, so tokens/s is not diluted by evaluation and checkpoints."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._t
+
+
+class Diverged(StageError):
+    pass
+
+
+def diverged(step: int, what: str, output_dir: str) -> Diverged:
+    last = latest_checkpoint(Path(output_dir))
+    return Diverged(f"training diverged at step {step}: {what}. Last good checkpoint: {last or 'none'}. "
+                    "Nothing final was written; lower train.learning_rate or check the data.")
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stops before the optimizer applies a non-finite gradient. (fp16 is exempt: there, inf gradients are how the
+    gradient scaler finds its scale, and it skips those steps itself.)"""
+
+    def __init__(self, output_dir: str):
+        self.output_dir = output_dir
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
+
+
+class TrialPruning(TrainerCallback):
+    """When a hyperparameter search runs this training as a trial (tools.search sets DVC_FINETUNE_TRIAL), report
+    each validation loss to the Optuna study and stop training early once the study's pruner says so."""
+
+    def __init__(self, spec: str):
+        import optuna
+
+        found = json.loads(spec)  # a study does not store its pruner: the search passes its settings
+        study = optuna.load_study(study_name=found["study"], storage=found["storage"],
+                                  pruner=optuna.pruners.MedianPruner(**found["median_pruner"]))
+        self.trial = optuna.trial.Trial(study, found["trial_id"])
+        # the pruner ranks by the study's direction: a loss is reported negated when the objective is maximized
+        self.sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        self.pruned_at: int | None = None
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics and "eval_loss" in metrics and self.pruned_at is None:
+            self.trial.report(self.sign * metrics["eval_loss"], state.global_step)
+            if self.trial.should_prune():
+                self.pruned_at = state.global_step
+                control.should_training_stop = True
+                print(f"search: validation loss {metrics['eval_loss']:.4f} at step {state.global_step} trails the "
+                      "other trials: stopping this trial early")
+
+
+class QuietProgressBar(ProgressCallback):
+    """The Trainer's progress bar, without the raw dict it writes for every log (StepLog writes a line instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks a checkpoint complete, after the Trainer has written all of it, with each file's size and digest."""
+
+    def __init__(self, fingerprint: str):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        barrier()  # every process has written its part of the checkpoint
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if is_main() and path.is_dir():
+            files = {name: {"size": (path / name).stat().st_size, "sha256": file_digest(path / name)}
+                     for name in written_files(path) if name != MARKER}
+            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step, "files": files})
+        barrier()  # no process goes on (and may stop) before the checkpoint is marked
+
+
+def guarded_trainer_class():
+    from transformers import Trainer
+
+    class GuardedTrainer(Trainer):
+        """The Trainer, stopping at the first non-finite loss instead of averaging it into the logged loss, and
+        counting real (non-padding, non-filler) tokens against all tokens computed."""
+
+        tokens_computed = 0  # this process's micro-batches, padding and filler included
+        tokens_real = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            real = real_tokens(inputs)
+            self.state.num_input_tokens_seen += real  # saved in checkpoints: survives a resume
+            self.tokens_real += real
+            self.tokens_computed += inputs["input_ids"].numel()
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not torch.isfinite(loss):
+                raise diverged(self.state.global_step + 1, f"training loss is {loss.item()}", self.args.output_dir)
+            return loss
+
+    return GuardedTrainer

@@ -1,0 +1,80 @@
+"""Device and precision, decided once from the validated params and the hardware, and the Trainer's arguments."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from finetune.config.train import TrainParams
+
+
+@dataclass
+class Precision:
+    device: str  # "cuda" or "cpu"
+    dtype: str  # "fp32", "fp16" (autocast + gradient scaling) or "bf16" (autocast)
+    reason: str
+
+
+def choose_precision(train: TrainParams, cuda: bool) -> Precision:
+    """Pure decision from validated params and the hardware (Hardware.problems has refused the impossible)."""
+    if cuda:
+        if train.fp16:
+            return Precision("cuda", "fp16", "train.fp16=true: fp16 autocast with dynamic gradient scaling")
+        if train.bf16:
+            return Precision("cuda", "bf16", "train.bf16=true: bf16 autocast (no gradient scaling needed)")
+        return Precision("cuda", "fp32", "no train.fp16/bf16 set: full fp32 (set train.bf16=true for speed)")
+    if train.bf16:
+        return Precision("cpu", "bf16", "no CUDA device; train.bf16=true: bf16 autocast on CPU")
+    return Precision("cpu", "fp32", "no CUDA device: training on CPU in fp32")
+
+
+def training_arguments(train: TrainParams, precision: Precision):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=train.output_dir,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        weight_decay=train.weight_decay,  # AdamW's decoupled decay
+        warmup_steps=train.warmup_steps,
+        lr_scheduler_type="linear",  # linear warmup, then linear decay to 0
+        logging_steps=train.logging_steps,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        fp16=precision.dtype == "fp16",
+        bf16=precision.dtype == "bf16",
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=train.dataloader_num_workers,
+        seed=train.seed,
+        data_seed=train.seed,
+        use_cpu=precision.device == "cpu",
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.torch_compile,
+        include_num_input_tokens_seen="no",  # counted by GuardedTrainer, which knows packed rows' filler
+        report_to=[],
+        logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by the running mean
+        disable_tqdm=not sys.stderr.isatty(),  # in a log file, StepLog's one line per log instead of a bar
+    )
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def peak_memory(device: str) -> dict:
+    """The peak memory so far and what it measures: CUDA memory allocated, or the process's resident set on CPU."""
+    return {"peak_memory_mb": round(peak_memory_mb(device), 1),
+            "peak_memory_kind": "cuda_allocated" if device == "cuda" else "cpu_rss"}

@@ -1,0 +1,44 @@
+"""Which process this is, in a run of one or several (torchrun, accelerate launch): one writer per file.
+
+Every side effect of a training run (deleting or writing files, DVCLive and the trackers, checkpoint markers, the
+final save, the metrics) is done by the main process, after a barrier where the others must have finished; counts
+are summed over processes. With one process these are no-ops. Before the process group is set up (the Trainer does
+it), the launcher's environment says which process this is (RANK, WORLD_SIZE: torchrun and accelerate set them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if distributed() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if distributed() else int(os.environ.get("RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process has got here (before the main one writes what they all contributed to)."""
+    if distributed():
+        torch.distributed.barrier()
+
+
+def summed(*counts: float) -> list[float]:
+    """Each count summed over the processes (this process's share in, the run's total out)."""
+    if not distributed():
+        return list(counts)
+    total = torch.tensor(counts, dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return total.tolist()

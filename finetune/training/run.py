@@ -1,0 +1,290 @@
+"""A training run: setup, resume, train, save, finish, and every side effect of it done once, by the main process.
+
+    run = TrainingRun(params, prepared_dir, metrics_file, history_dir)
+    metrics = run.run()           # setup() -> resume() -> train() -> save() -> finish()
+
+The run writes the fine-tuned model (params train.finetuned_dir), the step history (`history_dir`, DVCLive's files,
+staged beside the checkpoints while the run is in progress) and `metrics_file`, in that order, and only then marks
+the run finished: a run that stops anywhere before resumes from its last checkpoint. Nothing of the previous run's
+outputs or history is touched until this run has finished training. With several processes, the others train and
+wait at the barriers; the main one writes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from finetune import metrics as M
+from finetune.batching import padding_fraction
+from finetune.config.params import Params, as_dict
+from finetune.config.train import schedule_warnings
+from finetune.errors import StageError
+from finetune.io import read_jsonl, write_json
+from finetune.models import load_base_model, load_tokenizer, lora_config, unpacked_4bit_layers
+from finetune.outputs import refuse_foreign, replacing
+from finetune.tasks import task_for
+from finetune.tracking import Tracking
+from finetune.tracking.history import read_series, summarize
+from finetune.training import ranks
+from finetune.training.callbacks import (
+    TRIAL_ENV,
+    CheckpointMarker,
+    DivergenceGuard,
+    QuietProgressBar,
+    StepTimer,
+    TrialPruning,
+    guarded_trainer_class,
+)
+from finetune.training.checkpoints import (
+    FINISHED,
+    LIVE_STAGING,
+    fingerprint,
+    load_finished_training,
+    prepare_output_dir,
+    resumable,
+    trained_through,
+    versions,
+)
+from finetune.training.precision import choose_precision, peak_memory, training_arguments
+from finetune.training.progress import StepLog
+
+
+class TrainingRun:
+    def __init__(self, params: Params, prepared_dir: Path, metrics_file: Path, history_dir: Path):
+        self.params, self.prepared_dir = params, Path(prepared_dir)
+        self.metrics_file, self.history_dir = Path(metrics_file), Path(history_dir)
+        self.output_dir, self.finetuned_dir = Path(params.train.output_dir), Path(params.train.finetuned_dir)
+        self.staged_history = self.output_dir / LIVE_STAGING
+        self.task = task_for("causal_lm")
+        self.main = ranks.is_main()
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        if self.main:
+            for folder, kind, name in ((self.output_dir, "checkpoints", "train.output_dir"),
+                                       (self.finetuned_dir, "model", "train.finetuned_dir"),
+                                       (self.history_dir, "live", str(self.history_dir))):
+                refuse_foreign(folder, kind, name)
+        self.fingerprint = fingerprint(self.params, self.prepared_dir, ranks.world_size())
+        self.setup()  # may refuse: nothing changed
+        resume = self.resume()
+        tracking = Tracking(self.params, self.output_dir, resume_step(resume), self.staged_history) \
+            if self.main else None
+        elapsed = read_series(self.staged_history, "train/elapsed_s")
+        self.trainer.add_callback(StepLog(tracking, self.trainer, self.timer, elapsed[-1][1] if elapsed else 0.0))
+        try:
+            self.train(resume)
+            metrics = self.final_metrics(started)
+            self.save(metrics)
+        except BaseException as err:
+            if tracking:
+                tracking.finish({}, self.finetuned_dir, "killed" if isinstance(err, KeyboardInterrupt) else "failed")
+            raise
+        if tracking:
+            tracking.finish(metrics, self.finetuned_dir, "finished")
+        self.finish()
+        return metrics
+
+    def setup(self) -> None:
+        """The Trainer, ready to train, the precision chosen and the base weights' memory; nothing trained or
+        written."""
+        from peft import get_peft_model, prepare_model_for_kbit_training
+        from transformers import set_seed
+
+        params, train, method = self.params, self.params.train, self.params.train.method
+        precision = self.precision = choose_precision(train, torch.cuda.is_available())
+        print(f"device: {precision.device}, precision: {precision.dtype} ({precision.reason})")
+        print(f"method: {method}, base weights: {quantization_summary(params)}")
+
+        set_seed(train.seed)
+        train_rows, val_rows = load_split(self.prepared_dir, "train"), load_split(self.prepared_dir, "validation")
+        for message in schedule_warnings(train, len(train_rows)):
+            print(f"warning: {message}", file=sys.stderr)
+        tokenizer = load_tokenizer(params.model)
+        # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies
+        # that LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
+        base_trains = bool(params.lora.modules_to_save) or params.lora.bias != "none"
+        frozen_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.dtype, "float32") \
+            if method == "lora" and not base_trains else "float32"
+        model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
+                                self.task.model_class())
+        self.base_memory_mb = model.get_memory_footprint() / 2**20
+        model.config.use_cache = False  # the KV cache is for generation; training does not use it
+        if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            unpacked_4bit_layers(model)  # trainable layout, also after each validation
+        if method in ("lora", "qlora"):
+            check_target_modules(model, params.lora, params.model.model_name)
+            model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type))
+        collator = self.task.collator(tokenizer, train, params.prepare, model, train_rows)
+        trainable, total = trainable_parameters(model)
+        print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
+              f"base weights {self.base_memory_mb:.1f} MB")
+
+        self.timer = StepTimer()
+        self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) and self.main else None
+        callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint)]
+        self.trainer = guarded_trainer_class()(
+            model=model, args=training_arguments(train, precision), train_dataset=train_rows,
+            eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer,
+            callbacks=callbacks + ([self.pruning] if self.pruning else []))
+        # StepLog prints one line per log; the Trainer's own printers would add each log again as a raw dict
+        self.trainer.remove_callback(PrinterCallback)
+        if self.trainer.pop_callback(ProgressCallback):  # on a terminal: keep the bar, without its dicts
+            self.trainer.add_callback(QuietProgressBar)
+
+    def resume(self) -> Path | None:
+        """The checkpoint to resume from, if any; the main process clears what cannot be resumed, the others wait."""
+        resume = prepare_output_dir(self.output_dir, self.fingerprint) if self.main else None
+        ranks.barrier()
+        if not self.main:  # the main process has left only the checkpoint to resume, if any
+            resume = resumable(self.output_dir, self.fingerprint)
+        if self.precision.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        if resume:
+            print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
+        return resume
+
+    def train(self, resume: Path | None) -> None:
+        if resume and trained_through(resume):
+            load_finished_training(self.trainer, resume)
+        else:
+            self.trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        state = self.trainer.state
+        if not any(e.get("step") == state.global_step and "eval_loss" in e for e in state.log_history):
+            self.trainer.evaluate()  # make sure the final weights have a validation loss
+
+    def save(self, metrics: dict) -> None:
+        """The fine-tuned model, then the step history, then the metrics, each swapped into place whole."""
+        ranks.barrier()
+        if not self.main:
+            return
+        # again, before the first swap: files may have come while training
+        refuse_foreign(self.finetuned_dir, "model", "train.finetuned_dir")
+        refuse_foreign(self.history_dir, "live", str(self.history_dir))
+        with replacing(self.finetuned_dir, "model", "train.finetuned_dir") as staged:
+            self.save_model(staged)
+        with replacing(self.history_dir, "live", str(self.history_dir)) as staged:
+            shutil.copytree(self.staged_history, staged, dirs_exist_ok=True)
+        write_json(self.metrics_file, M.nest("training", metrics))
+
+    def save_model(self, folder: Path) -> None:
+        """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer with what the task
+        saves in it (the prompt template as its chat template), generation_config.json and the resolved config."""
+        trainer, params, precision = self.trainer, self.params, self.precision
+        trainer.model.save_pretrained(folder)  # peft saves the adapter alone
+        tokenizer = trainer.processing_class
+        generation = self.task.generation_defaults(trainer.model, tokenizer)
+        if generation is not None:
+            generation.save_pretrained(folder)
+        self.task.save_with_tokenizer(tokenizer, params.prepare)
+        tokenizer.save_pretrained(folder)
+        write_json(folder / "train_config.json", {
+            "task": self.task.name, "model": as_dict(params.model), "train": as_dict(params.train),
+            "lora": as_dict(params.lora), "quantization": as_dict(params.quantization), "device": precision.device,
+            "precision": precision.dtype, "precision_reason": precision.reason, "processes": ranks.world_size(),
+            "versions": versions()})
+
+    def finish(self) -> None:
+        ranks.barrier()
+        if self.main:
+            (self.output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead
+
+    def final_metrics(self, started: float) -> dict:
+        trainer, train, state, precision = self.trainer, self.params.train, self.trainer.state, self.precision
+        train_losses = [e["loss"] for e in state.log_history if "loss" in e]
+        eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+        trainable, total = trainable_parameters(trainer.model)
+        tokens_real, tokens_computed = ranks.summed(trainer.tokens_real, trainer.tokens_computed)
+        pruned_at = self.pruning.pruned_at if self.pruning else None
+        return {
+            "method": train.method,
+            "quantization": quantization_summary(self.params),
+            "device": precision.device,
+            "precision": precision.dtype,
+            "processes": ranks.world_size(),
+            "final_train_loss": round(train_losses[-1], 6) if train_losses else None,
+            "best_eval_loss": round(min(eval_losses), 6),
+            "final_eval_loss": round(eval_losses[-1], 6),
+            "steps": state.global_step,
+            "epochs": round(state.epoch or 0.0, 4),
+            "tokens_trained": int(ranks.summed(state.num_input_tokens_seen)[0]),
+            # non-padding tokens per second of this session's steps (a resumed run counts only its own part)
+            "tokens_per_second": round(tokens_real / self.timer.seconds, 1) if self.timer.seconds else None,
+            "packing": train.packing,
+            "padding_fraction": padding_fraction(tokens_real, tokens_computed),
+            "train_time_s": round(self.timer.seconds, 2),
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            **peak_memory(precision.device),
+            "base_weight_memory_mb": round(self.base_memory_mb, 6),
+            "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
+                                     * trainer.args.world_size),
+            "trainable_params": trainable,
+            "total_params": total,
+            **({"pruned_at_step": pruned_at} if pruned_at else {}),
+            "summary": summarize(self.staged_history),  # mean/min/max/last of each series DVCLive tracked
+        }
+
+
+def train(params: Params, prepared_dir: Path, metrics_file: Path, history_dir: Path) -> dict:
+    """Train as params say, on `prepared_dir`'s train and validation splits; write the model (train.finetuned_dir),
+    the step history (`history_dir`) and the metrics (`metrics_file`); return the metrics."""
+    return TrainingRun(params, prepared_dir, metrics_file, history_dir).run()
+
+
+def resume_step(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else None
+
+
+def load_split(prepared_dir: Path, name: str) -> list[dict]:
+    path = prepared_dir / f"{name}.jsonl"
+    if not path.exists():
+        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+
+
+def quantization_summary(params: Params) -> str:
+    if params.train.method != "qlora":
+        return "none"
+    q = params.quantization
+    return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
+            f"{q.bnb_4bit_compute_dtype} compute")
+
+
+def check_target_modules(model, lora, model_name: str) -> None:
+    """Refuse LoRA targets that name no module of the model, listing the modules that could be targeted."""
+    names = [name for name, _ in model.named_modules()]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    for key in ("target_modules", "modules_to_save"):
+        wanted = getattr(lora, key)
+        if not wanted or wanted == "all-linear":
+            continue
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
+                             f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights at their unpacked size
+        return model.get_nb_trainable_parameters()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
+
+def trainer_for(params: Params, prepared_dir: Path, run_fingerprint: str = "setup-only"):
+    """The Trainer a run would train with, its precision and the base weights' memory: nothing trained or written
+    (what benchmarks and tests look inside)."""
+    run = TrainingRun(params, prepared_dir, Path(os.devnull), Path(os.devnull))
+    run.fingerprint = run_fingerprint
+    run.setup()
+    return run.trainer, run.precision, run.base_memory_mb

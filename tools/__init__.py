@@ -1,0 +1,1 @@
+"""Tools that are not pipeline stages: `python -m tools.predict`, `tools.review`, `tools.search`."""

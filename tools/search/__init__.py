@@ -1,0 +1,285 @@
+"""search: hyperparameter search in which every trial is a real DVC experiment -- grid, random or Bayesian (Optuna).
+
+    python -m tools.search                       # reads search.yaml
+    python -m tools.search --config my-search.yaml
+    dvc exp show                                  # every trial, with its params and metrics
+    dvc exp apply lora-search-3                   # restore the best (named in the leaderboard)
+
+A trial is `dvc exp run --name <study>-<n> -S key=value ...` (run in a temporary directory, or queued and run by
+`dvc queue start -j parallel` workers), so DVC records its code, params, data and metrics like any experiment; its
+objective is read back from the experiment's committed metrics. Optuna records the study and picks the values:
+the grid's points in order for `grid`, RandomSampler (independent draws, log-uniform where `log: true`) for
+`random`, TPE (or the sampler named) for `bayes`. The study lives in Optuna's SQLite storage, so a search that
+is stopped and started again runs only the trials it still owes; a trial cut off mid-run is recorded as failed
+("interrupted") and does not count. A failed trial is recorded with its error and the search goes on. With
+`pruner: median` (sequential runs), the train stage reports its validation loss to the study at every evaluation
+and stops early when the trial trails the median.
+
+While a trial runs, its own output (DVC's lines and the stages', e.g. the train stage's `step 80/320 (25%): ...`)
+is passed through with the trial's number in front (`[trial 2] step 80/320 ...`); queued trials' output is read
+from the log each DVC worker writes (what `dvc queue logs` prints). Trials are numbered 1..trials in the order they
+start (`trial 2 of 8`, `trials 3-4 of 8` for a parallel round); the experiment name carries Optuna's trial number.
+Writes <out_dir>/leaderboard.json and leaderboard.md, sorted by the objective and then by `objective.secondary`,
+which breaks ties; when the best trials tie on the objective, both say which trials and whether and how the tie
+was broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.errors import StageError
+from finetune.training.callbacks import TRIAL_ENV
+from tools.search import experiments
+from tools.search.config import MEDIAN_PRUNER, SearchConfig, budget, counted, load_config, next_grid_points, sampler
+from tools.search.experiments import POLL_S, dvc, queue_processes, set_param, start_workers
+from tools.search.leaderboard import cell, leaderboard, markdown
+
+
+def experiment_name(config: SearchConfig, number: int) -> str:
+    return f"{config.study_name}-{number}"
+
+
+def settle_interrupted(study, config: SearchConfig) -> None:
+    """Trials left running by a search that was stopped: the result if its experiment finished, else failed."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        name = experiment_name(config, trial.number)
+        files = experiments.experiment_metrics(name)
+        if files is not None:
+            try:
+                study.tell(trial.number, experiments.metric_value(config.metric, files))
+                print(f"{name}: finished before the stop; recorded")
+                continue
+            except StageError:
+                pass
+        study.tell(trial.number, state=TrialState.FAIL)
+        print(f"{name}: interrupted; its trial runs again as a new experiment")
+
+
+
+def round_lines(first: int, total: int, strategy: str, trials: list[tuple[str, dict]]) -> list[str]:
+    """What a round of trials announces: `trial 2 of 8 (bayes): ...`, or for a parallel round `trials 3-4 of 8`
+    and a line per trial. Numbers count the trials of this search from 1; the names carry Optuna's number."""
+    described = [f"{name} with {', '.join(f'{key}={cell(value)}' for key, value in values.items())}"
+                 for name, values in trials]
+    if len(trials) == 1:
+        return [f"trial {first} of {total} ({strategy}): {described[0]}"]
+    return [f"trials {first}-{first + len(trials) - 1} of {total} ({strategy}, {len(trials)} at a time):"] + [
+        f"  trial {first + i}: {line}" for i, line in enumerate(described)]
+
+
+class Relay:
+    """A running trial's output, passed through line by line with the trial's number in front; the last lines are
+    kept as the error of a trial that fails."""
+
+    def __init__(self, number: int):
+        self.prefix = f"[trial {number}]"
+        self.last: collections.deque[str] = collections.deque(maxlen=15)
+
+    def __call__(self, line: str) -> None:
+        line = line.rstrip()
+        if line.strip():
+            print(f"{self.prefix} {line}", flush=True)
+            self.last.append(line)
+
+    def tail(self) -> str:
+        return "\n".join(self.last)
+
+
+def record(study, trial, config: SearchConfig, label: str, ok: bool, error: str = "") -> None:
+    """Tell the study how a trial went, reading its objective (and secondary metric) back from its experiment."""
+    from optuna.trial import TrialState
+
+    name = trial.user_attrs["experiment"]
+    label = f"{label} ({name})"
+    if not ok:
+        trial.set_user_attr("error", error or "failed")
+        study.tell(trial, state=TrialState.FAIL)
+        # its output has been shown as it ran (the tail is kept in the study, for the leaderboard)
+        print(f"{label}: FAILED: {(error or 'failed').splitlines()[-1]}", flush=True)
+        return
+    files = experiments.experiment_metrics(name)
+    try:
+        if files is None:
+            raise StageError(f"no experiment named {name} was recorded")
+        value = experiments.metric_value(config.metric, files)
+    except StageError as err:
+        trial.set_user_attr("error", str(err))
+        study.tell(trial, state=TrialState.FAIL)
+        print(f"{label}: FAILED: {err}", flush=True)
+        return
+    secondary = ""
+    if config.secondary:  # recorded with its name: a later search.yaml may name another one
+        try:
+            second = experiments.metric_value(config.secondary, files, "objective.secondary.metric")
+            trial.set_user_attr("secondary", {"metric": config.secondary, "value": second})
+            secondary = f" ({config.secondary_key} {second:g})"
+        except StageError as err:
+            print(f"{label}: warning: {err}; a tie with this trial cannot be broken", flush=True)
+    train_metrics = experiments.training_metrics(files)
+    if train_metrics.get("pruned_at_step"):
+        trial.set_user_attr("pruned_at_step", train_metrics["pruned_at_step"])
+        trial.set_user_attr("value_when_pruned", value)
+        study.tell(trial, state=TrialState.PRUNED)
+        print(f"{label}: pruned at step {train_metrics['pruned_at_step']}", flush=True)
+        return
+    study.tell(trial, value)
+    print(f"{label}: {config.metric_key} = {value:g}{secondary}", flush=True)
+
+
+def run_sequential(study, trial, config: SearchConfig, settings: list[str], storage_url: str, number: int,
+                   label: str) -> None:
+    name = trial.user_attrs["experiment"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the stages' prints arrive as they are made, not at the end
+    if config.pruner != "none":
+        env[TRIAL_ENV] = json.dumps({"storage": storage_url, "study": config.study_name,
+                                     "trial_id": trial._trial_id, "median_pruner": MEDIAN_PRUNER})
+    relay = Relay(number)
+    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name, *settings]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                          env=env) as proc:
+        for line in proc.stdout:
+            relay(line)
+    record(study, trial, config, label, proc.returncode == 0, relay.tail())
+
+
+@dataclass
+class QueuedTrial:
+    trial: object
+    label: str  # trial <n> of <total>
+    relay: Relay
+    log: Path | None = None  # the worker's output, once it has one
+    offset: int = 0  # how much of it has been passed through
+
+    def pass_through(self, final: bool = False) -> None:
+        """The lines the worker has written since the last call (and, when final, an unfinished last one)."""
+        if self.log is None or not self.log.exists():
+            return
+        with self.log.open("rb") as log:
+            log.seek(self.offset)
+            written = log.read()
+        end = len(written) if final else written.rfind(b"\n") + 1
+        self.offset += end
+        for line in written[:end].decode(errors="replace").splitlines():
+            self.relay(line)
+
+
+IDLE_POLLS = 5  # polls in a row with trials pending and no worker running before the workers are started again
+
+
+def run_queued(study, trials: list, config: SearchConfig, settings: dict[int, list[str]],
+               numbers: dict[int, int], labels: dict[int, str]) -> None:
+    processes = queue_processes()
+    earlier = set(processes)  # runs of earlier searches, one maybe under the same name
+    for trial in trials:
+        dvc("exp", "run", "--queue", "--name", trial.user_attrs["experiment"], *settings[trial.number])
+    start_workers(config.parallel)
+    queued = {trial.user_attrs["experiment"]: QueuedTrial(trial, labels[trial.number], Relay(numbers[trial.number]))
+              for trial in trials}
+    idle_polls, restarted = 0, False
+    while True:
+        pending = experiments.queue_entries(queued)
+        for name, key in pending.items():
+            if queued[name].log is None:
+                run = next((k for k in processes if k.startswith(key[:7]) and k not in earlier), None)
+                info = processes.get(run) if run else None
+                queued[name].log = Path(info.stdout) if info and info.stdout else None
+        for each in queued.values():
+            each.pass_through()
+        if not pending:
+            break
+        # trials pending, and no worker left to run them (a worker that died, or stopped): start them once more,
+        # then give up on what is left rather than wait for ever
+        idle_polls = 0 if experiments.workers_running() else idle_polls + 1
+        if idle_polls >= IDLE_POLLS:
+            if restarted:
+                print(f"search: the dvc queue workers stopped with {len(pending)} trials pending "
+                      f"({', '.join(pending)}); recording them as failed", flush=True)
+                break
+            print("search: no dvc queue worker is running, though trials are pending; starting the workers again",
+                  flush=True)
+            start_workers(config.parallel)
+            idle_polls, restarted = 0, True
+        time.sleep(POLL_S)
+    dvc("queue", "stop", check=False)
+    for name, each in queued.items():
+        each.pass_through(final=True)
+        if experiments.experiment_metrics(name) is None:
+            output = each.relay.tail()
+            if not output:  # failed before its run started: DVC says why
+                logs = dvc("queue", "logs", name, check=False)
+                output = "\n".join((logs.stdout + logs.stderr).strip().splitlines()[-15:])
+            record(study, each.trial, config, each.label, False, output)
+        else:
+            record(study, each.trial, config, each.label, True)
+
+
+def search(config: SearchConfig) -> dict:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    Path(config.storage).parent.mkdir(parents=True, exist_ok=True)
+    storage_url = f"sqlite:///{Path(config.storage).resolve()}"
+    pruner = optuna.pruners.MedianPruner(**MEDIAN_PRUNER) if config.pruner == "median" \
+        else optuna.pruners.NopPruner()
+    study = optuna.create_study(storage=storage_url, study_name=config.study_name, direction=config.direction,
+                                sampler=sampler(config), pruner=pruner, load_if_exists=True)
+    # what the trials' values mean; not the secondary metric, which only orders ties in the leaderboard
+    identity = {"strategy": config.strategy, "metric": config.metric, "direction": config.direction,
+                "space": [vars(d) for d in config.space], "overrides": config.overrides}
+    stored = study.user_attrs.get("config")
+    if stored is None:
+        study.set_user_attr("config", identity)
+    elif stored != json.loads(json.dumps(identity)):
+        changed = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != stored.get(k))
+        raise StageError(f"study_name: {config.study_name!r} in {config.storage} was started with another "
+                         f"{', '.join(changed)}; give this search a new study_name (or delete the storage)")
+    settle_interrupted(study, config)
+    total = budget(config)
+    while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) < total:
+        batch = min(config.parallel, total - done)
+        if config.strategy == "grid":
+            for point in next_grid_points(study, config, batch):
+                study.enqueue_trial(point)  # ask() hands these out first
+        trials, settings, chosen, numbers, labels = [], {}, [], {}, {}
+        for i in range(batch):
+            trial = study.ask()
+            values = {d.name: d.suggest(trial, config.strategy) for d in config.space}
+            trial.set_user_attr("experiment", experiment_name(config, trial.number))
+            trial.set_user_attr("overrides", config.overrides)
+            settings[trial.number] = [arg for key, value in {**config.overrides, **values}.items()
+                                      for arg in ("-S", set_param(key, value))]
+            numbers[trial.number] = done + 1 + i  # an interrupted trial's number goes to the one run instead
+            labels[trial.number] = f"trial {done + 1 + i} of {total}"
+            chosen.append((trial.user_attrs["experiment"], values))
+            trials.append(trial)
+        print("\n".join(round_lines(done + 1, total, config.strategy, chosen)), flush=True)
+        if config.parallel == 1:
+            number = trials[0].number
+            run_sequential(study, trials[0], config, settings[number], storage_url, numbers[number], labels[number])
+        else:
+            run_queued(study, trials, config, settings, numbers, labels)
+    return leaderboard(study, config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Hyperparameter search over DVC experiments.")
+    parser.add_argument("--config", type=Path, default=Path("search.yaml"))
+    args = parser.parse_args()
+    config = load_config(args.config)
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise StageError("the search needs Optuna: pip install -e '.[search]'") from None
+    board = search(config)
+    print(markdown(board, config))

@@ -1,0 +1,230 @@
+"""search.yaml: the search space, the strategy and the objective, every problem reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from finetune.config.schema import build, key_lines, load_yaml
+from finetune.errors import StageError
+
+MEDIAN_PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 0}  # prune from the third trial on, at any evaluation
+
+
+@dataclass
+class Dimension:
+    name: str
+    type: str  # categorical | float | int
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    values: list | None = None  # the grid's points for a float/int dimension
+
+    def grid(self) -> list:
+        return self.choices if self.type == "categorical" else self.values
+
+    def suggest(self, trial, strategy: str):
+        if strategy == "grid" or self.type == "categorical":
+            return trial.suggest_categorical(self.name, self.grid())
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass
+class SearchConfig:
+    space: list[Dimension]
+    strategy: str = "bayes"
+    sampler: str = "tpe"
+    startup_trials: int = 4
+    trials: int = 8
+    parallel: int = 1
+    seed: int = 0
+    metric: str = "metrics/headline.json:exact_match"
+    direction: str = "maximize"
+    secondary: str | None = None  # file:key that ranks trials tying on the objective
+    secondary_direction: str = "minimize"
+    pruner: str = "none"
+    overrides: dict = field(default_factory=dict)
+    study_name: str = "search"
+    storage: str = "search/study.db"
+    out_dir: str = "search"
+
+    @property
+    def metric_key(self) -> str:
+        return self.metric.split(":", 1)[1]
+
+    @property
+    def secondary_key(self) -> str | None:
+        return self.secondary.split(":", 1)[1] if self.secondary else None
+
+
+def metric_problem(where: str, metric: str) -> list[str]:
+    if all(metric.partition(":")[::2]):
+        return []
+    return [(f"{where}: {metric!r} must be <metrics file>:<key>, e.g. metrics/headline.json:exact_match "
+            "(a dotted key reads a nested one: metrics/eval_finetuned.json:finetuned.exact_match)")]
+
+
+# search.yaml's schema, read by the same machinery as params.yaml (finetune/config/schema.py): unknown keys with the
+# closest valid one, missing and mistyped values, every problem at once with its line.
+@dataclass
+class SecondaryFile:
+    metric: str  # no defaults: a tie broken the wrong way is worse than one left standing
+    direction: Literal["maximize", "minimize"]
+
+    def problems(self) -> list[str]:
+        return metric_problem("objective.secondary.metric", self.metric)
+
+
+@dataclass
+class ObjectiveFile:
+    metric: str = SearchConfig.metric
+    direction: Literal["maximize", "minimize"] = "maximize"
+    secondary: SecondaryFile | None = None  # file:key and direction that rank trials tying on the objective
+
+    def problems(self) -> list[str]:
+        out = metric_problem("objective.metric", self.metric)
+        if self.secondary is not None and self.secondary.metric == self.metric:
+            out.append(f"objective.secondary.metric: {self.metric!r} is the objective itself; it cannot break a "
+                       "tie on it")
+        return out
+
+
+@dataclass
+class DimensionFile:
+    type: Literal["categorical", "float", "int"]
+    choices: list | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    values: list | None = None
+
+    def checks(self) -> list[str]:
+        """What is wrong with this dimension, worded for SearchFile.problems to name it."""
+        out = []
+        if self.log and self.step is not None:
+            out.append("log: true and step cannot be combined")
+        if self.type == "categorical":
+            if not self.choices:
+                out.append(".choices: a categorical dimension needs a non-empty list of choices")
+        elif self.low is None or self.high is None:
+            out.append("low and high must be numbers")
+        elif self.low >= self.high:
+            out.append(f"low ({self.low:g}) must be below high ({self.high:g})")
+        elif self.log and self.low <= 0:
+            out.append("log: true needs low > 0")
+        return out
+
+
+@dataclass
+class SearchFile:
+    strategy: Literal["grid", "random", "bayes"] = "bayes"
+    sampler: Literal["tpe", "gp", "cmaes", "qmc"] = "tpe"
+    startup_trials: int = 4
+    trials: int = 8
+    parallel: int = 1
+    seed: int = 0
+    objective: ObjectiveFile = field(default_factory=ObjectiveFile)
+    pruner: Literal["none", "median"] = "none"
+    overrides: dict | None = None
+    space: dict[str, DimensionFile] = field(default_factory=dict)
+    study_name: str = "search"
+    storage: str = "search/study.db"
+    out_dir: str = "search"
+
+    def problems(self) -> list[str]:
+        out = [f"{key}: {getattr(self, key)} must be a positive integer" for key in ("trials", "parallel")
+               if getattr(self, key) < 1]
+        if self.startup_trials < 0:
+            out.append(f"startup_trials: {self.startup_trials} must not be negative")
+        if self.pruner != "none" and self.parallel != 1:
+            out.append("pruner: needs parallel: 1 (queued workers cannot report to the study)")
+        if self.strategy == "bayes" and self.sampler == "cmaes" and importlib.util.find_spec("cmaes") is None:
+            out.append("sampler: cmaes needs the cmaes package (pip install cmaes)")
+        if not self.space:
+            out.append("space: expected a mapping of param: {type: ..., ...} with at least one param")
+        for name, dim in self.space.items():
+            out += [f"space.{name}{'' if p.startswith('.') else ': '}{p}" for p in dim.checks()]
+            if self.strategy == "grid" and dim.type != "categorical" and not dim.values:
+                out.append(f"space.{name}.values: the grid strategy needs the points of a {dim.type} dimension")
+        return out
+
+
+def load_config(path: Path) -> SearchConfig:
+    """search.yaml -> SearchConfig; every problem reported at once, each naming the file, the line and the key."""
+    if not path.exists():
+        raise StageError(f"{path}: search config not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw, node = load_yaml(text) or {}, yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise StageError(f"{path}: not valid YAML: {err}") from None
+    problems: list[str] = []
+    found = build(SearchFile, raw, "", problems)
+    if problems:
+        lines = key_lines(node) if node is not None else {}
+
+        def located(problem: str) -> str:
+            key = problem.split(":", 1)[0]
+            line = next((lines[k] for k in (key, key.rsplit(".", 1)[0], key.split(".")[0]) if k in lines), None)
+            return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
+
+        raise StageError("invalid search config:\n  " + "\n  ".join(located(p) for p in problems))
+    objective, secondary = found.objective, found.objective.secondary
+    return SearchConfig(
+        space=[Dimension(name=name, **dataclasses.asdict(dim)) for name, dim in found.space.items()],
+        strategy=found.strategy, sampler=found.sampler, startup_trials=found.startup_trials, trials=found.trials,
+        parallel=found.parallel, seed=found.seed, metric=objective.metric, direction=objective.direction,
+        secondary=secondary.metric if secondary else None,
+        secondary_direction=secondary.direction if secondary else SearchConfig.secondary_direction,
+        pruner=found.pruner, overrides=found.overrides or {}, study_name=found.study_name, storage=found.storage,
+        out_dir=found.out_dir)
+
+
+def sampler(config: SearchConfig):
+    import optuna
+
+    if config.strategy in ("grid", "random"):  # grid points are enqueued (see next_grid_points)
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    if config.sampler == "tpe":
+        # constant_liar: trials asked together (parallel) are not all drawn from the same model of the objective
+        return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials,
+                                          constant_liar=config.parallel > 1)
+    if config.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=config.startup_trials)
+    if config.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=config.seed, n_startup_trials=config.startup_trials)
+    return optuna.samplers.QMCSampler(seed=config.seed)
+
+
+def grid_points(config: SearchConfig) -> list[dict]:
+    names = [d.name for d in config.space]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(d.grid() for d in config.space))]
+
+
+def budget(config: SearchConfig) -> int:
+    return min(config.trials, len(grid_points(config))) if config.strategy == "grid" else config.trials
+
+
+def next_grid_points(study, config: SearchConfig, n: int) -> list[dict]:
+    """The grid in declared order, less the points already tried (a restart goes on where it stopped)."""
+    tried = [t.params for t in study.get_trials(deepcopy=False) if counted(t)]
+    return [point for point in grid_points(config) if point not in tried][:n]
+
+
+def counted(trial) -> bool:
+    """Finished trials count toward the budget; an interrupted one (failed without an error of its own) does not."""
+    from optuna.trial import TrialState
+
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        trial.state == TrialState.FAIL and "error" in trial.user_attrs)
