@@ -5,7 +5,8 @@ LoRA in bf16 with packing and QLoRA (nf4), reporting tokens/s, MFU and peak memo
     python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
 
 Mixed-length synthetic examples (64 to 512 tokens, the second half supervised) go through the same code as
-`dvc repro train`: finetune.training.run.trainer_for with the PackedCollator, the precision choice and bitsandbytes loading.
+`dvc repro train`: finetune.training.run.trainer_for with the PackedCollator, the precision choice and
+bitsandbytes loading.
 MFU = 4·N·(non-padding tokens/s) / the measured bf16 matmul FLOP/s of this device (LoRA: no weight gradients for
 the frozen base); the vendor's dense bf16 peak, where known, is printed beside it.
 """

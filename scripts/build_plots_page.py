@@ -22,26 +22,12 @@ VENDOR = ROOT / "plots/vendor"
 LIBRARIES = ["vega.min.js", "vega-lite.min.js", "vega-embed.min.js"]  # in load order: Vega-Lite and Embed need Vega
 PLACEHOLDERS = ["{plot_divs}", "{scripts}", "{refresh_tag}"]  # what DVC replaces anywhere in the page
 
-# dvc_render's PAGE_HTML, with the libraries for `{scripts}` and a charset (the libraries are not pure ASCII)
-PAGE = """<!DOCTYPE html>
-<html>
-<head>
-    {refresh_tag}
-    <meta charset="utf-8">
+# What DVC's own page (dvc_render's PAGE_HTML) gets: a charset (the libraries are not pure ASCII), and the libraries
+# inlined for `{scripts}`, which DVC would fill with links to a CDN
+HEAD = """    <meta charset="utf-8">
     <title>DVC Plot</title>
     <!-- Vega, Vega-Lite, Vega-Embed (BSD-3-Clause, University of Washington Interactive Data Lab), inlined from
          plots/vendor/ by scripts/build_plots_page.py: see plots/vendor/README.md for versions and licenses -->
-LIBRARIES
-    <style>
-        table {
-            border-spacing: 15px;
-        }
-    </style>
-</head>
-<body>
-    {plot_divs}
-</body>
-</html>
 """
 
 
@@ -57,8 +43,13 @@ def inline_script(name: str, source: str) -> str:
 
 
 def page_html(vendor: Path = VENDOR) -> str:
+    from dvc_render.html import PAGE_HTML
+
     scripts = [inline_script(name, (vendor / name).read_text(encoding="utf-8")) for name in LIBRARIES]
-    return PAGE.replace("LIBRARIES", "\n".join(scripts))
+    head = "    <title>DVC Plot</title>\n    {scripts}\n"
+    if head not in PAGE_HTML:
+        raise SystemExit("dvc_render's PAGE_HTML changed: its <title> and {scripts} lines are not where expected")
+    return PAGE_HTML.replace(head, HEAD + "\n".join(scripts) + "\n").rstrip("\n") + "\n"
 
 
 def template_path(root: Path = ROOT) -> Path:

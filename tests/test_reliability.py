@@ -42,13 +42,15 @@ def set_section(workdir: Path, section: str, **values) -> None:
 def start_train(workdir: Path) -> subprocess.Popen:
     # A shell that starts jobs in the background ignores SIGINT in them, and Python then keeps ignoring it;
     # restore the default so Ctrl-C reaches the stage as it would from a terminal.
-    return subprocess.Popen([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def train_to_end(workdir: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 

@@ -296,7 +296,8 @@ def test_a_tie_is_broken_only_as_far_as_the_secondary_metric_separates_the_trial
                                                                                   ranked, still_tied, says):
     import optuna
 
-    monkeypatch.setattr(search_experiments, "experiment_metrics", lambda name: None)  # s-4's experiment has no eval_loss either
+    # s-4's experiment has no eval_loss either
+    monkeypatch.setattr(search_experiments, "experiment_metrics", lambda name: None)
     study = optuna.create_study(direction="maximize")
     for number, exact, loss in ((0, 0.5, 0.4), (1, 0.5, 0.3), (2, 0.25, 0.1), (3, 0.5, 0.3), (4, 0.5, None)):
         study.add_trial(finished_trial(number, exact, loss))
