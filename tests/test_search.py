@@ -17,7 +17,7 @@ from conftest import run_prepare, run_train
 from bench.search import stand_in_repo
 from finetune.config.params import load_params
 from finetune.errors import StageError
-from finetune.training.callbacks import TRIAL_ENV
+from finetune.training import TRIAL_ENV
 from tools import search
 from tools.search import experiments as search_experiments
 from tools.search.config import Dimension, SearchConfig

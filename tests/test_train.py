@@ -84,6 +84,8 @@ def test_the_launchers_environment_says_which_process_writes(monkeypatch):
     assert not ranks.is_main() and ranks.world_size() == 2
 
 
+@pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1",
+                    reason="starts two training processes; RUN_MULTIPROCESS=1 (.ci/run sets it)")
 def test_two_processes_train_with_one_writer(workdir):
     """torchrun with two CPU processes (gloo): both train, the main one alone writes, and the counts are the run's."""
     run_prepare(load_params())

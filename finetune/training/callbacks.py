@@ -17,8 +17,6 @@ from finetune.outputs import file_digest, written_files
 from finetune.training.checkpoints import MARKER, latest_checkpoint
 from finetune.training.ranks import barrier, is_main
 
-TRIAL_ENV = "DVC_FINETUNE_TRIAL"  # set by the search tool for a trial that reports to a pruner
-
 
 class StepTimer(TrainerCallback):
     """Trainer callback timing optimizer steps only, so tokens/s is not diluted by evaluation and checkpoints."""

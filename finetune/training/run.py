@@ -32,9 +32,8 @@ from finetune.outputs import refuse_foreign, replacing
 from finetune.tasks import task_for
 from finetune.tracking import Tracking
 from finetune.tracking.history import read_series, summarize
-from finetune.training import ranks
+from finetune.training import TRIAL_ENV, ranks
 from finetune.training.callbacks import (
-    TRIAL_ENV,
     CheckpointMarker,
     DivergenceGuard,
     QuietProgressBar,

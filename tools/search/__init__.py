@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import StageError
-from finetune.training.callbacks import TRIAL_ENV
+from finetune.training import TRIAL_ENV
 from tools.search import experiments
 from tools.search.config import MEDIAN_PRUNER, SearchConfig, budget, counted, load_config, next_grid_points, sampler
 from tools.search.experiments import POLL_S, dvc, queue_processes, set_param, start_workers
