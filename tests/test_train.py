@@ -104,3 +104,15 @@ def test_two_processes_train_with_one_writer(workdir):
     assert (workdir / "models/checkpoints/FINISHED").exists()
     assert (workdir / "models/finetuned/adapter_model.safetensors").exists()
     assert json.loads((workdir / "models/finetuned/train_config.json").read_text())["processes"] == 2
+
+
+def test_a_pruned_trial_on_several_processes_is_refused_before_it_could_hang(workdir, monkeypatch):
+    """Only the main process hears the study's pruner: the others would train on alone and wait for ever."""
+    from finetune.errors import StageError
+    from finetune.training import TRIAL_ENV
+
+    run_prepare(load_params())
+    monkeypatch.setenv(TRIAL_ENV, "{}")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(StageError, match="trains on one process; set pruner: none"):
+        setup_trainer(load_params())

@@ -56,8 +56,9 @@ def revision(exp: str | None) -> list[str]:
 
 
 def restated(key: str) -> bool:
-    """The headline (flat keys) and compare's deltas restate the eval files: each metric is shown and gated once."""
-    return key.split(".", 1)[0] not in M.GROUPS or key.startswith("delta.")
+    """The headline (its flat keys) and compare's deltas restate the eval files: each metric is shown and gated
+    once. Any other key is shown, one of another pipeline version too (as undeclared)."""
+    return key.startswith("delta.") or ("." not in key and key in M.HEADLINE)
 
 
 def is_number(value) -> bool:

@@ -39,6 +39,8 @@ def summed(*counts: float) -> list[float]:
     """Each count summed over the processes (this process's share in, the run's total out)."""
     if not distributed():
         return list(counts)
-    total = torch.tensor(counts, dtype=torch.float64)
+    # NCCL reduces only CUDA tensors; gloo, CPU ones
+    device = f"cuda:{torch.cuda.current_device()}" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(counts, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
     return total.tolist()

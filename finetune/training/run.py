@@ -129,7 +129,10 @@ class TrainingRun:
               f"base weights {self.base_memory_mb:.1f} MB")
 
         self.timer = StepTimer()
-        self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) and self.main else None
+        if os.environ.get(TRIAL_ENV) and ranks.world_size() > 1:  # only the main process could hear the pruner
+            raise StageError("a search trial that reports to a pruner trains on one process; set pruner: none in "
+                             "the search config to run its trials on several")
+        self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
         callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint)]
         self.trainer = guarded_trainer_class()(
             model=model, args=training_arguments(train, precision), train_dataset=train_rows,
