@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from finetune.config.schema import ParamsError, build, key_lines, load_yaml
+from finetune.config.schema import ParamsError, build, load_yaml, located
 
 if TYPE_CHECKING:
     from finetune.config.data import DataParams, PrepareParams
@@ -110,14 +110,7 @@ def parse_params(text: str, source: str = str(PARAMS_FILE), hardware: Hardware |
         if hardware is not None and training:  # what this machine can do matters only to the stage that trains
             problems.extend(hardware.problems(params))
     if problems:
-        lines = key_lines(node) if node is not None else {}
-
-        def line_of(problem: str) -> int:
-            key = problem.split(":", 1)[0].split(" and ")[0]
-            return lines.get(key) or lines.get(key.split(".")[0]) or 0
-
-        ordered = sorted(problems, key=line_of)  # in the order of the file
-        raise ParamsError([f"{source}:{line_of(p)}: {p}" if line_of(p) else f"{source}: {p}" for p in ordered])
+        raise ParamsError(located(problems, node, source))
     return params
 
 

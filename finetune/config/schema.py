@@ -80,6 +80,19 @@ def key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+def located(problems: list[str], node: yaml.Node | None, source: str) -> list[str]:
+    """Each problem ('key: what is wrong') prefixed with `source` and the line of its key, or of the nearest
+    enclosing key the file has (an unknown or missing key's section), in the order of the file."""
+    lines = key_lines(node) if node is not None else {}
+
+    def line_of(problem: str) -> int:
+        key = problem.split(":", 1)[0].split(" and ")[0]
+        parts = key.split(".")
+        return next((lines[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in lines), 0)
+
+    return [f"{source}:{line_of(p)}: {p}" if line_of(p) else f"{source}: {p}" for p in sorted(problems, key=line_of)]
+
+
 def _dataclass_in(tp: Any) -> type | None:
     """The dataclass a field holds: `Section`, or `Section | None`."""
     if dataclasses.is_dataclass(tp):

@@ -11,7 +11,7 @@ from typing import Literal
 
 import yaml
 
-from finetune.config.schema import build, key_lines, load_yaml
+from finetune.config.schema import build, load_yaml, located
 from finetune.errors import StageError
 
 MEDIAN_PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 0}  # prune from the third trial on, at any evaluation
@@ -172,14 +172,7 @@ def load_config(path: Path) -> SearchConfig:
     problems: list[str] = []
     found = build(SearchFile, raw, "", problems)
     if problems:
-        lines = key_lines(node) if node is not None else {}
-
-        def located(problem: str) -> str:
-            key = problem.split(":", 1)[0]
-            line = next((lines[k] for k in (key, key.rsplit(".", 1)[0], key.split(".")[0]) if k in lines), None)
-            return f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
-
-        raise StageError("invalid search config:\n  " + "\n  ".join(located(p) for p in problems))
+        raise StageError("invalid search config:\n  " + "\n  ".join(located(problems, node, str(path))))
     objective, secondary = found.objective, found.objective.secondary
     return SearchConfig(
         space=[Dimension(name=name, **dataclasses.asdict(dim)) for name, dim in found.space.items()],
