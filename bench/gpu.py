@@ -52,15 +52,24 @@ def build_model(shape: dict, out: Path) -> None:
     del model
 
 
-def synthetic_split(path: Path, n: int, vocab: int, lengths: tuple[int, int], seed: int) -> None:
+def synthetic_split(prepared: Path, split: str, n: int, vocab: int, lengths: tuple[int, int], seed: int) -> None:
+    """Random token ids as a prepared split (an Arrow file, as the prepare stage writes them)."""
+    import pyarrow as pa
+
+    from finetune.data.prepared import META, split_file
+
     rng = random.Random(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for _ in range(n):
-            length = rng.randint(*lengths)
-            ids = [rng.randrange(3, vocab) for _ in range(length)]
-            labels = [-100] * (length // 2) + ids[length // 2:]
-            f.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+    prepared.mkdir(parents=True, exist_ok=True)
+    rows = {"input_ids": [], "labels": []}
+    for _ in range(n):
+        length = rng.randint(*lengths)
+        ids = [rng.randrange(3, vocab) for _ in range(length)]
+        rows["input_ids"].append(ids)
+        rows["labels"].append([-100] * (length // 2) + ids[length // 2:])
+    table = pa.table({k: pa.array(v, pa.list_(pa.int32())) for k, v in rows.items()})
+    with pa.OSFile(str(split_file(prepared, split)), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+        out.write_table(table)
+    (prepared / META).write_text(json.dumps({"format": "pairs", "chat": None}) + "\n")
 
 
 def matmul_peak(dtype: torch.dtype, device: str) -> float:
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         build_model(shape, tmp / "model")
         for split, n in (("train", batch * (args.steps + 2)), ("validation", batch)):
-            synthetic_split(tmp / f"prepared/{split}.jsonl", n, shape["vocab_size"], lengths, seed=len(split))
+            synthetic_split(tmp / "prepared", split, n, shape["vocab_size"], lengths, seed=len(split))
         results["setup_seconds"] = round(time.perf_counter() - started, 1)
         peak = matmul_peak(torch.bfloat16, "cuda" if cuda else "cpu")
         results["measured_bf16_matmul_flops"] = round(peak)

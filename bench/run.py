@@ -13,6 +13,9 @@ measurements taken in this run, on this machine, so the figures travel between m
   flops      achieved training FLOP/s (4·N per token for LoRA, 6·N for full) vs this machine's matmul FLOP/s
   compile    torch.compile on vs off: compile time and steady-state throughput
   dvc        a full `dvc repro` of a copy of this repository, then a no-op `dvc repro` and `dvc status`
+  prepare    the prepare stage on 100k generated examples vs `datasets` batched tokenization of the same texts alone:
+             time, peak memory, bytes per example on disk, and a train start on the result (bench/prepare.py;
+             `python -m bench.prepare --examples 1000000` for a million)
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("dvc", "train", "packing", "generate", "checkpoint", "flops", "compile")
+SECTIONS = ("dvc", "train", "packing", "generate", "checkpoint", "flops", "compile", "prepare")
 TARGETS = {  # what each headline ratio is held to
     "train_vs_plain_loop": 0.9,
     "packed_vs_padded": 1.5,
     "batched_vs_single_generation": 10.0,
 }
+PREPARE_AT_MOST = 1.3  # prepare's time over tokenizing alone
 
 
 class StepClock(TrainerCallback):
@@ -203,12 +207,12 @@ def bench_generate(params, prepared: Path, prompts: int, repo: Path | None) -> d
     """On the fine-tuned model when the dvc section trained one in `repo` (answers of realistic length), else on
     the base."""
     from finetune.config.evaluate import EvaluateParams
+    from finetune.data.prepared import open_split, split_file
     from finetune.generation import generate
-    from finetune.io import read_jsonl
     from finetune.models import load_base_model, load_finetuned, load_tokenizer
 
-    rows = read_jsonl(prepared / "test.jsonl")[:prompts]
-    texts = [r["prompt"] for r in rows]
+    test = open_split(split_file(prepared, "test"))
+    texts = list(test.select(range(min(prompts, len(test))))["prompt"])
     tokenizer = load_tokenizer(params.model)
     finetuned = repo is not None
     if finetuned:
@@ -358,10 +362,10 @@ def bench_dvc(tmp: Path) -> tuple[dict, Path]:
 def table(results: dict) -> str:
     rows = [("measurement", "result", "target", "met")]
 
-    def add(name, value, target=None):
-        met = "" if target is None else ("yes" if value >= target else "no")
+    def add(name, value, target=None, at_most=False):
+        met = "" if target is None else ("yes" if (value <= target if at_most else value >= target) else "no")
         rows.append((name, value if isinstance(value, str) else f"{value:g}×", "" if target is None else
-                     f"≥ {target:g}×", met))
+                     f"{'≤' if at_most else '≥'} {target:g}×", met))
 
     if "train" in results:
         r = results["train"]
@@ -402,6 +406,14 @@ def table(results: dict) -> str:
         r = results["dvc"]
         rows.append(((f"DVC: no-op repro {r['noop_repro_s']} s, status {r['status_s']} s, full repro "
                       f"{r['full_repro_s']} s"), f"{r['noop_share_of_run']:.1%} of a run", "", ""))
+    if "prepare" in results:
+        r = results["prepare"]
+        add(f"prepare {r['examples']:,} examples vs tokenizing alone ({r['prepare_s']} vs {r['tokenize_only_s']} s; "
+            f"peak {r['prepare_peak_mb']:.0f} MB; {r['bytes_per_example']:.0f} bytes/example on disk)",
+            r["prepare_vs_tokenize_only"], PREPARE_AT_MOST, at_most=True)
+        t = r["train_start"]
+        rows.append((f"train start on {t['train_examples']:,} prepared examples ({t['train_split_mb']} MB split)",
+                     f"peak {t['peak_mb']:.0f} MB", "", ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -416,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per timed training run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per side of a throughput ratio")
     parser.add_argument("--prompts", type=int, default=128, help="test prompts for the generation benchmark")
+    parser.add_argument("--prepare-examples", type=int, default=100_000, help="examples for the prepare benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -452,6 +465,13 @@ def main(argv: list[str] | None = None) -> None:
                 started = time.perf_counter()
                 results[name] = run()
                 results[name]["bench_seconds"] = round(time.perf_counter() - started, 1)
+        if "prepare" in only:
+            from bench.prepare import bench_prepare
+
+            print("prepare...", file=sys.stderr)
+            started = time.perf_counter()
+            results["prepare"] = bench_prepare(args.prepare_examples)
+            results["prepare"]["bench_seconds"] = round(time.perf_counter() - started, 1)
         if "flops" in only and "train" in results:
             results["flops"] = bench_flops(params, results["train"])
         os.chdir(ROOT)

@@ -9,9 +9,10 @@ import torch
 
 from finetune.config.model import ModelParams
 from finetune.config.params import Params
+from finetune.data.chat import apply_chat
+from finetune.data.prepared import open_split, read_meta
 from finetune.errors import StageError
-from finetune.io import read_jsonl
-from finetune.models import load_base_model, load_finetuned, load_tokenizer, require_safetensors
+from finetune.models import fit_embeddings, load_base_model, load_finetuned, load_tokenizer, require_safetensors
 from finetune.tasks import task_for, task_of
 
 MODELS = ("base", "finetuned", "merged")
@@ -41,15 +42,17 @@ def evaluate(params: Params, which: str, test_file: Path) -> tuple[dict, list[di
     from transformers import set_seed
 
     test_file = Path(test_file)
-    if not test_file.exists():
-        raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
-    rows = read_jsonl(test_file)
+    rows = open_split(test_file)
+    chat = read_meta(test_file.parent)["chat"]
     set_seed(params.evaluate.seed)
     # The base's tokenizer comes with params.model (revision, trust_remote_code); ours are saved beside the weights.
     tokenizer = load_tokenizer(params.model if which == "base" else ModelParams(
         model_name=params.train.finetuned_dir if which == "finetuned" else params.export.merged_dir))
     model = load_model(params, which)
+    if which == "base" and chat:  # conversations: the base reads them as train did, untrained rows for added tokens
+        apply_chat(tokenizer, chat)
+        fit_embeddings(model, len(tokenizer))
     task = task_of(Path(params.train.finetuned_dir)) if which == "finetuned" else task_for("causal_lm")
     print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
-    metrics, records = task.evaluate(model, tokenizer, rows, params.evaluate)
+    metrics, records = task.evaluate(model, tokenizer, rows, params.evaluate, chat=chat is not None)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, records

@@ -17,9 +17,9 @@ import torch
 
 from finetune.config.evaluate import EvaluateParams
 from finetune.config.params import Params
+from finetune.data.prepared import open_split, read_meta
 from finetune.errors import StageError
 from finetune.generation import generate
-from finetune.io import read_jsonl
 from finetune.models import load_finetuned, read_train_config
 from finetune.outputs import refuse_foreign, replacing
 
@@ -59,13 +59,14 @@ def export(finetuned_dir: Path, merged_dir: Path, evaluate: EvaluateParams) -> N
 
 
 @torch.no_grad()
-def agreement(model_a, model_b, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, float]:
+def agreement(model_a, model_b, tokenizer, prompts: list[str], max_new_tokens: int,
+              add_special_tokens: bool = True) -> dict[str, float]:
     """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts."""
     settings = EvaluateParams(batch_size=len(prompts), max_new_tokens=max_new_tokens)
-    same = [a == b for a, b in zip(generate(model_a, tokenizer, prompts, settings),
-                                   generate(model_b, tokenizer, prompts, settings), strict=True)]
+    same = [a == b for a, b in zip(generate(model_a, tokenizer, prompts, settings, add_special_tokens),
+                                   generate(model_b, tokenizer, prompts, settings, add_special_tokens), strict=True)]
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
     mask = enc["attention_mask"].bool()
     diff = (model_a(**enc).logits.float() - model_b(**enc).logits.float()).abs()[mask]
     return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": float(diff.max())}
@@ -84,13 +85,16 @@ def merge(params: Params, test_file: Path) -> dict:
     print(f"merged {method} model saved to {merged_dir}")
 
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    prompts = [r["prompt"] for r in read_jsonl(test_file)[:params.export.check_examples]]
+    test = open_split(test_file)
+    prompts = list(test.select(range(min(params.export.check_examples, len(test))))["prompt"])
+    add_special_tokens = read_meta(test_file.parent)["chat"] is None  # a chat template writes BOS itself
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
     max_new = params.export.check_max_new_tokens
     metrics = {"method": method, "examples": len(prompts)}
     metrics.update(agreement(merged, load_finetuned(finetuned_dir, quantized=False).eval(), tokenizer, prompts,
-                             max_new))
+                             max_new, add_special_tokens))
     if method == "qlora":
-        as_trained = agreement(merged, load_finetuned(finetuned_dir).eval(), tokenizer, prompts, max_new)
+        as_trained = agreement(merged, load_finetuned(finetuned_dir).eval(), tokenizer, prompts, max_new,
+                               add_special_tokens)
         metrics.update({f"{k}_vs_4bit": v for k, v in as_trained.items()})
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}

@@ -16,14 +16,16 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams, add_special_tokens: bool = True) -> \
+        list[str]:
     """Batched generation with left padding and the KV cache, prompts sorted by token length, longest first (little
     padding per batch, and an out-of-memory error shows up in the first batch, not the last). A batch that runs out
     of GPU memory is retried at half the size, and the rest of the run keeps the smaller size. Returns the
-    completions in the order of `prompts`."""
+    completions in the order of `prompts`. Prompts rendered by a chat template hold their BOS token already:
+    `add_special_tokens=False` for them."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
-    encoded = tokenizer(prompts)["input_ids"]
+    encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     sampling = {"do_sample": True, "temperature": evaluate.temperature, "top_p": evaluate.top_p} \
         if evaluate.do_sample else {"do_sample": False}

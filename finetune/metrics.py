@@ -31,7 +31,7 @@ DIRECTIONS: dict[str, str] = {
     "truncated": LOWER, "dropped_overlong": LOWER, "bad_records": LOWER,
     "bad_invalid_utf8": LOWER, "bad_invalid_json": LOWER, "bad_not_an_object": LOWER, "bad_duplicate_key": LOWER,
     "bad_field_count": LOWER, "bad_missing_field": LOWER, "bad_empty_field": LOWER, "bad_wrong_type": LOWER,
-    "bad_prompt_too_long": LOWER,
+    "bad_invalid_conversation": LOWER, "bad_prompt_too_long": LOWER,
     "tokens_p50": NEUTRAL, "tokens_p90": NEUTRAL, "tokens_p95": NEUTRAL, "tokens_p99": NEUTRAL, "tokens_max": NEUTRAL,
     "tokens_mean": NEUTRAL, "supervised_tokens_train": NEUTRAL,
     # train (metrics/train.json)

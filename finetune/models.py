@@ -157,14 +157,34 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True):
     quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
         if config["train"]["method"] == "qlora" and quantized else None
     base = load_base_model(ModelParams(**config["model"]), quant)
+    fit_embeddings(base, config.get("tokenizer_size", 0))  # the tokens a chat template added
     return PeftModel.from_pretrained(base, finetuned_dir)
 
 
-def lora_config(lora: LoraParams, task_type: str):
-    """params.lora -> peft's LoraConfig for the task's model (task_type: peft's TaskType, e.g. CAUSAL_LM)."""
+def lora_config(lora: LoraParams, task_type: str, new_tokens: list[int] | None = None):
+    """params.lora -> peft's LoraConfig for the task's model (task_type: peft's TaskType, e.g. CAUSAL_LM); the
+    embeddings of `new_tokens` (added to the tokenizer by a chat template) are trained too, row by row."""
     from peft import LoraConfig
 
+    trains_embeddings = any(m in ("embed_tokens", "lm_head", "wte") for m in lora.modules_to_save or [])
     return LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, target_modules=lora.target_modules,
                       lora_dropout=lora.lora_dropout, bias=lora.bias, task_type=task_type,
                       use_dora=lora.use_dora, use_rslora=lora.use_rslora,
-                      modules_to_save=lora.modules_to_save)
+                      modules_to_save=lora.modules_to_save,
+                      trainable_token_indices=new_tokens if new_tokens and not trains_embeddings else None)
+
+
+def fit_embeddings(model, size: int) -> list[int]:
+    """Grow the model's embeddings to `size` tokens (the tokenizer's, after a chat template added some); the new
+    rows start at the mean of the old ones, the same on every load. Returns the new token ids."""
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if size <= rows:
+        return []
+    model.resize_token_embeddings(size, mean_resizing=False)
+    with torch.no_grad():
+        for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                      if m is not None}.values():
+            layer.weight[rows:] = layer.weight[:rows].float().mean(0).to(layer.weight.dtype)
+    return list(range(rows, size))

@@ -2,6 +2,11 @@
 
     python scripts/make_dataset.py                       # writes data/raw/transforms.jsonl (3000 pairs)
     python scripts/make_dataset.py --n 500 --seed 1 --out /tmp/small.jsonl
+    python scripts/make_dataset.py --conversations --n 1500 --out data/raw/conversations.jsonl
+
+The conversations (OpenAI-style `messages`) hold a system prompt and two tasks: one of the tasks above, then a
+follow-up that refers back to it ("Now back to ISO format."), whose answer is in the first user turn, so the model
+must read the conversation, not just the last message.
 
 Every answer is a pure function of its question (dates, numbers, units, clock times, word order), so exact match,
 BLEU and ROUGE measure something real. The same task functions also write the *related text* that the bundled base
@@ -96,6 +101,39 @@ def instruction_pair(rng: random.Random) -> dict[str, str]:
     return {"prompt": f"Rewrite in the plural: {singular}", "response": plural}
 
 
+SYSTEM = "You convert dates, numbers, units, clock times and sentences. Answer with the result only."
+
+
+def conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    """A system prompt, a task, and a follow-up that undoes it: its answer is the first task's input."""
+    task = rng.randrange(7)
+    if task == 0:
+        iso, long = random_date(rng)
+        turns = (f"Write the date {iso} in words.", long, "Now back to ISO format.", iso)
+    elif task == 1:
+        iso, long = random_date(rng)
+        turns = (f"Convert {long} to ISO format.", iso, "Now write it in words.", long)
+    elif task == 2:
+        n = rng.randint(0, 999)
+        turns = (f"Spell out the number {n}.", number_words(n), "Now in digits.", str(n))
+    elif task == 3:
+        n = rng.randint(0, 999)
+        turns = (f"Write {number_words(n)} in digits.", str(n), "Now spell it out.", number_words(n))
+    elif task == 4:
+        quantity, target_name, converted = random_quantity(rng)
+        turns = (f"Convert {quantity} to {target_name}.", converted, "Now convert it back.", quantity)
+    elif task == 5:
+        clock, twelve = random_clock(rng)
+        turns = (f"Convert {clock} to 12-hour time.", twelve, "Now back to 24-hour time.", clock)
+    else:
+        singular, plural = random_sentence(rng)
+        turns = (f"Rewrite in the plural: {singular}", plural, "Now back to the singular.", singular)
+    first, answer, follow_up, final = turns
+    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": first},
+                         {"role": "assistant", "content": answer}, {"role": "user", "content": follow_up},
+                         {"role": "assistant", "content": final}]}
+
+
 def related_sentence(rng: random.Random) -> str:
     """One statement of the same facts in prose, for pretraining the base model."""
     task = rng.randrange(6)
@@ -132,12 +170,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000, help="number of pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("data/raw/transforms.jsonl"))
+    parser.add_argument("--conversations", action="store_true", help="write conversations instead of pairs")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    records = (conversation(rng) for _ in range(args.n)) if args.conversations else \
+        instruction_pairs(args.n, args.seed)
     with args.out.open("w", encoding="utf-8") as f:
-        for pair in instruction_pairs(args.n, args.seed):
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
-    print(f"wrote {args.n} pairs to {args.out}")
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    print(f"wrote {args.n} {'conversations' if args.conversations else 'pairs'} to {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     dvc repro evaluate                        # the fine-tuned model (base + adapter, or the full model)
     dvc repro evaluate_base                   # the base model alone; cached, reruns only when its inputs change
     dvc exp run -S evaluate.max_new_tokens=64
-    python -m stages.evaluate --model merged --test data/prepared/test.jsonl \
+    python -m stages.evaluate --model merged --test data/prepared/test.arrow \
         --predictions outputs/predictions_merged.jsonl --metrics metrics/eval_merged.json \
         --confusion metrics/confusion_merged.json
 

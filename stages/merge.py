@@ -1,7 +1,7 @@
 """merge: fold the adapter into the base weights and export a standalone Hugging Face model (safetensors).
 
     dvc repro merge
-    python -m stages.merge --test data/prepared/test.jsonl --metrics metrics/merge.json
+    python -m stages.merge --test data/prepared/test.arrow --metrics metrics/merge.json
     python -m stages.evaluate --model merged ...   # score the export like any other model
 
 Reads params `export`, `train.finetuned_dir` and evaluate's generation settings (`max_new_tokens`, `do_sample`,

@@ -1,4 +1,4 @@
-"""prepare: raw examples -> prompt-templated, tokenized, loss-masked train/validation/test splits.
+"""prepare: raw examples or conversations -> templated, tokenized, loss-masked train/validation/test splits.
 
     dvc repro prepare
     dvc exp run -S prepare.max_length=256 -S prepare.overlong=drop
@@ -6,9 +6,9 @@
 
 Reads params `data`, `prepare`, `model` (for the tokenizer) and `evaluate.labels`, `evaluate.max_labels` (whether the
 answers are labels, whose shares a stratified split keeps: data.stratify); the data files must lie in --raw, the
-stage's declared input. Writes {train,validation,test}.jsonl to --out (input_ids, labels with the prompt masked to
--100, and the text fields evaluate needs) and --metrics (examples per split, token-length percentiles, dropped and
-truncated counts).
+stage's declared input. Writes {train,validation,test}.arrow to --out (input_ids, labels with all but the trained
+tokens masked to -100, and for test the text fields evaluate needs), prepared.json (how they were made) and
+--metrics (examples per split, token-length percentiles, dropped, truncated and bad-record counts).
 """
 
 from __future__ import annotations

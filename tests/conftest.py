@@ -155,6 +155,13 @@ def stage_params(stage: str) -> set[str]:
     return {str(next(iter(p)) if isinstance(p, dict) else p).split(".")[0] for p in declared}
 
 
+def prepared_rows(prepared_dir: Path, name: str) -> list[dict]:
+    """A prepared split's records as a list of dicts (the stages read it memory-mapped)."""
+    from finetune.data.prepared import open_split, split_file
+
+    return open_split(split_file(prepared_dir, name)).to_list()
+
+
 def setup_trainer(params):
     """(trainer, precision, base weight MB) of a run on the workdir's prepared data: nothing trained or written."""
     from finetune.training.run import trainer_for

@@ -16,7 +16,7 @@ from finetune.entrypoint import run_main
 STAGES = ("prepare", "train", "evaluate_base", "evaluate", "merge", "compare")
 OUTPUTS = ["metrics/prepare.json", "metrics/train.json", "metrics/eval_finetuned.json", "metrics/merge.json",
            "metrics/compare.json",
-           "data/prepared/train.jsonl", "models/finetuned/adapter_model.safetensors",
+           "data/prepared/train.arrow", "models/finetuned/adapter_model.safetensors",
            "models/merged/model.safetensors", "outputs/predictions_finetuned.jsonl"]
 
 CASES = {

@@ -2,21 +2,20 @@
 
 import pytest
 import torch
-from conftest import run_prepare, setup_trainer
+from conftest import prepared_rows, run_prepare, setup_trainer
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from finetune.batching import IGNORE_INDEX, PackedCollator, check_packing, first_fit_decreasing, real_tokens
 from finetune.config.params import load_params
 from finetune.errors import StageError
 from finetune.models import load_tokenizer
-from finetune.training.run import load_split
 
 
 @pytest.fixture
 def prepared(workdir):
     params = load_params()
     run_prepare(params)
-    rows = load_split(workdir / "data/prepared", "train")
+    rows = prepared_rows(workdir / "data/prepared", "train")
     tokenizer = load_tokenizer(params.model)
     model = AutoModelForCausalLM.from_pretrained(params.model.model_name, attn_implementation="sdpa")
     model.config.use_cache = False

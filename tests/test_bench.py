@@ -44,3 +44,14 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
         assert 0 < results[method]["trainable_params"] < results[method]["total_params"]
     fp32_mb = results["qlora"]["total_params"] * 4 / 2**20
     assert results["qlora"]["base_weight_mb"] < 0.5 * fp32_mb  # 4-bit linear layers (the toy's embedding stays fp32)
+
+
+def test_bench_prepare_compares_with_tokenizing_alone(tmp_path):
+    out = tmp_path / "bench.json"
+    run.main(["--only", "prepare", "--prepare-examples", "3000", "--out", str(out)])
+    r = json.loads(out.read_text())["prepare"]
+    assert r["examples"] == 3000 and r["prepare_s"] > 0 and r["tokenize_only_s"] > 0
+    assert r["prepare_vs_tokenize_only"] == round(r["prepare_s"] / r["tokenize_only_s"], 3)
+    assert 0 < r["bytes_per_example"] < r["raw_jsonl_bytes_per_example"] * 4
+    assert r["train_start"]["train_examples"] == 2550 and r["train_start"]["peak_mb"] > 0
+    assert "prepare 3,000 examples vs tokenizing alone" in (tmp_path / "bench.md").read_text()

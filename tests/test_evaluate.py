@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_evaluate, run_prepare, run_train
+from conftest import prepared_rows, run_evaluate, run_prepare, run_train
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.config.data import PrepareParams
@@ -10,7 +10,6 @@ from finetune.config.evaluate import EvaluateParams
 from finetune.config.params import load_params
 from finetune.data.records import Example
 from finetune.generation import generate
-from finetune.io import read_jsonl
 from finetune.tasks.causal_lm import confusion_rows, loss_and_token_metrics, score, tokenize_example
 
 
@@ -58,7 +57,7 @@ def test_run_scores_base_and_finetuned_and_writes_every_prediction(workdir):
     run_train(params)
     for which in ("base", "finetuned"):
         metrics, records = run_evaluate(params, which)
-        test_rows = read_jsonl(workdir / "data/prepared/test.jsonl")
+        test_rows = prepared_rows(workdir / "data/prepared", "test")
         assert metrics["examples"] == len(records) == len(test_rows)
         assert [r["reference"] for r in records] == [r["response"] for r in test_rows]
         assert {"exact_match", "bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL", "eval_loss", "perplexity",

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import yaml
-from conftest import run_evaluate, run_merge, run_prepare, run_train, setup_trainer
+from conftest import prepared_rows, run_evaluate, run_merge, run_prepare, run_train, setup_trainer
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.config.evaluate import EvaluateParams
 from finetune.config.params import load_params
 from finetune.generation import generate
-from finetune.io import read_jsonl
 
 
 def use(workdir, **sections) -> None:
@@ -40,7 +39,7 @@ def test_merged_model_loads_without_peft_and_matches_the_adapter(workdir, lora_r
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy_model_dir),
                                         workdir / "models/finetuned").eval()
     tokenizer = AutoTokenizer.from_pretrained(workdir / "models/merged")
-    prompts = [r["prompt"] for r in read_jsonl(workdir / "data/prepared/test.jsonl")]
+    prompts = [r["prompt"] for r in prepared_rows(workdir / "data/prepared", "test")]
     settings = EvaluateParams(batch_size=8, max_new_tokens=8)
     assert generate(merged, tokenizer, prompts, settings) == \
         generate(adapter, tokenizer, prompts, settings)

@@ -121,7 +121,7 @@ def records(n: int) -> list[dict]:
 # case -> (stage and its arguments, params to set, files to write, exit status, message)
 REFUSED = {
     "output folder is the repository": (["train"], {"train.output_dir": "."}, {},
-                                        "params.yaml:30: train.output_dir: . is the repository itself"),
+                                        "params.yaml:36: train.output_dir: . is the repository itself"),
     "output folder holds the base model": (["train"], {"train.output_dir": "models"}, {},
                                            "train.output_dir: models would overwrite the base model"),
     "merged folder over tracked code": (["merge"], {"export.merged_dir": "scripts"}, {},
@@ -269,28 +269,28 @@ def test_a_killed_runs_leftovers_are_never_kept(repo, monkeypatch, capsys):
     set_params(repo, {"data.seed": 7})
     calls = []
 
-    def interrupted(path, rows):
-        calls.append(path)
+    def interrupted(folder, name):
+        calls.append(name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return write_jsonl(path, rows)
+        return split_file(folder, name)
 
-    write_jsonl = prepare.write_jsonl
-    monkeypatch.setattr(prepare, "write_jsonl", interrupted)
+    split_file = prepare.split_file
+    monkeypatch.setattr(prepare, "split_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_prepare(load_params())
     assert snapshot(repo, "data/prepared") == before and not list((repo / "data").glob(".prepared.tmp-*"))
 
-    monkeypatch.setattr(prepare, "write_jsonl", write_jsonl)
+    monkeypatch.setattr(prepare, "split_file", split_file)
     (repo / "data/.prepared.tmp-killed").mkdir()  # as a kill while writing the splits leaves it
-    (repo / "data/.prepared.tmp-killed/train.jsonl").write_text("{}\n")
+    (repo / "data/.prepared.tmp-killed/train.arrow").write_text("{}\n")
     (repo / "data/.prepared.tmp-killed" / outputs.STAGING).touch()
-    (repo / "data/prepared/.train.jsonl.abc.tmp").write_text("half")
+    (repo / "data/prepared/.train.arrow.abc.tmp").write_text("half")
     status, output = run_stage("prepare", monkeypatch, capsys)
     assert status == 0, output
     assert sorted(p.name for p in (repo / "data").iterdir()) == ["prepared", "raw"]
-    assert sorted(p.name for p in (repo / "data/prepared").iterdir()) == ["test.jsonl", "train.jsonl",
-                                                                           "validation.jsonl"]
+    assert sorted(p.name for p in (repo / "data/prepared").iterdir()) == ["prepared.json", "test.arrow",
+                                                                           "train.arrow", "validation.arrow"]
 
 
 def test_valid_files_from_windows_tools_are_read_whole(repo, monkeypatch, capsys):

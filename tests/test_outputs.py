@@ -28,10 +28,10 @@ def test_a_swap_replaces_the_whole_folder_and_leaves_nothing_behind(tmp_path, mo
     if not exchange:  # a system without renameat2(RENAME_EXCHANGE): two renames
         monkeypatch.setattr(outputs, "_exchange", lambda a, b: False)
     dest = tmp_path / "data/prepared"
-    outputs.swap_in(staged_with(dest, {"train.jsonl": "old"}), dest, "prepared", "prepared")
-    outputs.swap_in(staged_with(dest, {"train.jsonl": "new", "test.jsonl": "new"}), dest, "prepared", "prepared")
-    assert sorted(p.name for p in dest.iterdir()) == ["test.jsonl", "train.jsonl"]
-    assert (dest / "train.jsonl").read_text() == "new"
+    outputs.swap_in(staged_with(dest, {"train.arrow": "old"}), dest, "prepared", "prepared")
+    outputs.swap_in(staged_with(dest, {"train.arrow": "new", "test.arrow": "new"}), dest, "prepared", "prepared")
+    assert sorted(p.name for p in dest.iterdir()) == ["test.arrow", "train.arrow"]
+    assert (dest / "train.arrow").read_text() == "new"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["prepared"]
     assert oct(dest.stat().st_mode & 0o777) != oct(0o700)  # the mode mkdir gives, not mkdtemp's private one
 
@@ -51,19 +51,19 @@ def test_an_old_output_caught_between_two_renames_is_put_back(tmp_path):
 
 def test_a_kill_right_after_the_swap_leaves_an_output_that_is_still_ours(tmp_path):
     dest = tmp_path / "data/prepared"
-    staged = staged_with(dest, {"train.jsonl": "x"})
+    staged = staged_with(dest, {"train.arrow": "x"})
     staged.rename(dest)  # swapped in, the staging file not yet removed
     assert outputs.foreign_entries(dest, "prepared") == []
 
 
 def test_a_swap_refuses_a_folder_that_gained_a_file_of_yours(tmp_path):
     dest = tmp_path / "data/prepared"
-    outputs.swap_in(staged_with(dest, {"train.jsonl": "old"}), dest, "prepared", "the prepare stage's output")
+    outputs.swap_in(staged_with(dest, {"train.arrow": "old"}), dest, "prepared", "the prepare stage's output")
     (dest / "mine.txt").write_text("mine")
-    staged = staged_with(dest, {"train.jsonl": "new"})
+    staged = staged_with(dest, {"train.arrow": "new"})
     with pytest.raises(StageError, match=r"holds files this pipeline did not write \(mine.txt\)"):
         outputs.swap_in(staged, dest, "prepared", "the prepare stage's output")
-    assert (dest / "mine.txt").read_text() == "mine" and (dest / "train.jsonl").read_text() == "old"
+    assert (dest / "mine.txt").read_text() == "mine" and (dest / "train.arrow").read_text() == "old"
 
 
 def checkpoint(folder, step: int, files: dict[str, str], marked: bool = True) -> None:

@@ -111,7 +111,7 @@ def test_repro_is_incremental_and_experiments_show_metrics(dvc_repo, tmp_path):
 
     # progress in a log: plain lines (one per logging step, 10% marks), no carriage-return redraws
     assert "\r" not in out and re.search(r"^step 6/6 \(100%\): loss [0-9.]+, lr", out, re.M)
-    assert re.search(r"^tokenize train: \d+/\d+ ", out, re.M) and re.search(r"^generate: \d+/\d+ ", out, re.M)
+    assert re.search(r"^tokenize toy.jsonl: \d+/\d+ ", out, re.M) and re.search(r"^generate: \d+/\d+ ", out, re.M)
     check_plots_page(repo, tmp_path / "plots.png")
 
     again = dvc(repo, "repro")

@@ -3,7 +3,7 @@ import re
 
 import pytest
 import torch
-from conftest import ROOT, run_prepare
+from conftest import ROOT, prepared_rows, run_prepare
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
 from finetune.batching import IGNORE_INDEX
@@ -13,7 +13,6 @@ from finetune.config.params import load_params
 from finetune.data.records import BadRecords, Example, load_examples
 from finetune.data.splits import split_examples, split_labels
 from finetune.errors import StageError
-from finetune.io import read_jsonl
 from finetune.tasks.causal_lm import tokenize_example
 
 
@@ -135,7 +134,8 @@ def test_skip_policy_counts_every_injected_bad_record(tmp_path):
     bad = BadRecords("skip")
     examples = load_examples(DataParams(on_bad_record="skip"), path, bad)
     assert len(examples) == 10
-    assert bad.counts == {**{kind: 2 for kind in BAD_LINES}, "field_count": 0, "prompt_too_long": 0}
+    assert bad.counts == {**{kind: 2 for kind in BAD_LINES}, "field_count": 0, "invalid_conversation": 0,
+                          "prompt_too_long": 0}
 
 
 @pytest.mark.parametrize("content", [b"", b"\n\n"])
@@ -177,7 +177,7 @@ def test_skip_policy_never_leaves_an_empty_dataset(workdir):
 
 def test_run_writes_splits_and_stats(workdir):
     stats = run_prepare(load_params())
-    splits = {name: read_jsonl(workdir / f"data/prepared/{name}.jsonl") for name in ("train", "validation", "test")}
+    splits = {name: prepared_rows(workdir / "data/prepared", name) for name in ("train", "validation", "test")}
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [90, 12, 18]
     assert stats["train_examples"] == 90 and stats["test_examples"] == 18
     assert stats["truncated"] == stats["dropped_overlong"] == 0

@@ -7,16 +7,14 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import run_prepare, setup_trainer
+from conftest import prepared_rows, run_prepare, setup_trainer
 
 from finetune.config.data import DataParams
 from finetune.config.evaluate import EvaluateParams
 from finetune.config.params import load_params
 from finetune.config.train import TrainParams, optimizer_steps, schedule_warnings
-from finetune.data.records import Example
 from finetune.data.splits import rare_labels_warning, small_test_warning, split_examples, split_labels
 from finetune.errors import StageError
-from finetune.io import read_jsonl
 
 
 def labelled(counts: dict[str, int]) -> list[str]:
@@ -78,8 +76,8 @@ def test_when_the_split_is_stratified():
 
 
 def test_rare_labels_are_named_with_the_splits_that_miss_them():
-    def examples(*responses):
-        return [Example("p", r, "x") for r in responses]
+    def examples(*labels):
+        return list(labels)
 
     splits = {"train": examples("a", "a", "b", "c"), "validation": examples("a", "b"), "test": examples("a", "b")}
     assert rare_labels_warning(splits) == ("1 of 3 labels are too rare for every split to hold one: 'c' (1, none in "
@@ -106,7 +104,7 @@ def test_prepare_stratifies_labelled_data_and_warns(workdir, capsys):
     params = load_params()
     params.data.validation_ratio, params.data.test_ratio = 0.05, 0.1
     stats = run_prepare(params)
-    test = read_jsonl(workdir / "data/prepared/test.jsonl")
+    test = prepared_rows(workdir / "data/prepared", "test")
     assert Counter(row["response"] for row in test) == {"positive": 15, "negative": 15}
     assert stats["train_examples"] == 255
     out, err = capsys.readouterr()
@@ -166,5 +164,5 @@ def test_the_step_count_is_the_trainers_with_packing_and_accumulation(workdir):
     run_prepare(params)
     trainer, _, _ = setup_trainer(params)
     trainer.train()
-    examples = len(read_jsonl(workdir / "data/prepared/train.jsonl"))
+    examples = len(prepared_rows(workdir / "data/prepared", "train"))
     assert trainer.state.global_step == optimizer_steps(params.train, examples)[0] == 20  # ceil(23 / 3) x 2.5

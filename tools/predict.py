@@ -35,7 +35,7 @@ from finetune.errors import StageError
 from finetune.evaluation import load_model
 from finetune.generation import generate
 from finetune.models import load_tokenizer
-from finetune.tasks.causal_lm import CHAT_TEMPLATE_MARKER
+from finetune.tasks.causal_lm import CHAT_TEMPLATE_MARKER, CONVERSATION_MARKER
 
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # what merge saves; options override them
 
@@ -136,11 +136,12 @@ def prompt_template(tokenizer, params: Params, folder: Path):
     with the model (the tokenizer's chat template, written by train), else params prepare.template."""
 
     saved = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    if CHAT_TEMPLATE_MARKER in saved:
+    if CHAT_TEMPLATE_MARKER in saved or CONVERSATION_MARKER in saved:
         def render(prompt: str) -> str:
             return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True)
-        return render, f"prompt template: the one saved with the model ({folder}), which wins over params.yaml's"
+        kind = "prompt template" if CHAT_TEMPLATE_MARKER in saved else "chat template (a one-message conversation)"
+        return render, f"{kind}: the one saved with the model ({folder}), which wins over params.yaml's"
 
     def render_from_params(prompt: str) -> str:
         return params.prepare.template.format(prompt=prompt)
@@ -167,7 +168,8 @@ def run(params: Params, prompts: list[str], which: str = "finetuned", model_dir:
         print(f"warning: {templated} prompts already start with the template's text {head!r}; give each prompt "
               "alone, as in the training data: predict adds the template", file=sys.stderr)
     set_seed(settings.seed)
-    return generate(model, tokenizer, texts, settings)
+    chat = CONVERSATION_MARKER in (tokenizer.chat_template or "")  # the template writes any BOS itself
+    return generate(model, tokenizer, texts, settings, add_special_tokens=not chat)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -13,6 +15,7 @@ class DataParams:
     prompt_field: str | None = None  # null = recognize prompt/response or instruction/input/output
     input_field: str | None = None  # optional context appended to the prompt (Alpaca's "input")
     response_field: str | None = None
+    messages_field: str | None = None  # null = recognize messages (role/content) or conversations (from/value)
     validation_path: str | None = None  # given split files instead of the ratio split below
     test_path: str | None = None
     validation_ratio: float = 0.05  # share of examples held out to pick checkpoints
@@ -35,6 +38,9 @@ class DataParams:
                        "set it above 0 or set data.validation_path")
         if self.test_path is None and self.test_ratio == 0:
             out.append("data.test_ratio: 0 leaves no test split; set it above 0 or set data.test_path")
+        if self.messages_field and self.prompt_field:
+            out.append("data.messages_field and data.prompt_field: a dataset holds conversations or prompt/response "
+                       "pairs; set one")
         if (self.prompt_field is None) != (self.response_field is None):
             out.append("data.prompt_field and data.response_field: set both, or neither to auto-detect")
         return out
@@ -45,6 +51,12 @@ class PrepareParams:
     template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # must contain {prompt}; the response follows it
     max_length: int = 128  # tokens per example, prompt + response; longer ones are handled per `overlong`
     overlong: Literal["truncate", "drop"] = "truncate"  # truncate the response, or drop the example
+    # conversations (and prompt/response pairs, when set): null = the tokenizer's own template; a name
+    # (chatml, llama3, mistral, zephyr) or a Jinja template's text
+    chat_template: str | None = None
+    train_roles: list[str] = field(default_factory=lambda: ["assistant"])  # the roles whose turns are trained
+    train_turns: Literal["all", "last"] = "all"  # every turn of those roles, or the last only
+    num_proc: int | Literal["auto"] = "auto"  # tokenizing processes; auto: the cores, for 20k+ examples
 
     def problems(self) -> list[str]:
         out = []
@@ -58,6 +70,13 @@ class PrepareParams:
             out.append(f"prepare.template: {self.template!r} " + (
                 f"has unknown placeholders {', '.join('{' + f + '}' for f in unknown)}; the only one is {{prompt}} "
                 "(write {{ and }} for literal braces)" if unknown else "has no {prompt} placeholder"))
+        unknown_roles = [r for r in self.train_roles if r not in ROLES]
+        if unknown_roles or not self.train_roles:
+            out.append(f"prepare.train_roles: {self.train_roles}: " + (
+                f"{', '.join(map(repr, unknown_roles))} is not a role" if unknown_roles else "names no role")
+                + f"; the roles are {', '.join(ROLES)}")
+        if self.num_proc != "auto" and self.num_proc < 1:
+            out.append(f"prepare.num_proc: {self.num_proc} must be at least 1 (or auto)")
         if self.max_length < 2:
             out.append(f"prepare.max_length: {self.max_length} must be at least 2")
         return out

@@ -1,84 +1,154 @@
-"""Raw examples -> split, tokenized and loss-masked records, written to one folder in one rename."""
+"""Raw examples -> split, tokenized and loss-masked records, written to one folder in one rename.
+
+The records go through `datasets` on disk: read into Arrow (finetune.data.sources), tokenized by `Dataset.map` in
+batches and in prepare.num_proc processes (finetune.data.tokenize), split by seeded index, and written as one
+Arrow file per split, which train and evaluate memory-map. `prepared.json` beside them says how they were made
+(pairs or conversations, the chat template and the tokens it added), for train to set up the same tokenizer.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from finetune.batching import IGNORE_INDEX
 from finetune.config.params import Params
-from finetune.data.records import BadRecords, load_examples
+from finetune.data.chat import setup_chat
+from finetune.data.prepared import META, split_file
+from finetune.data.records import BadRecords
+from finetune.data.sources import read_raw
 from finetune.data.splits import SPLITS, rare_labels_warning, small_test_warning, split_examples, split_labels
+from finetune.data.tokenize import KEPT, data_format, tokenized
 from finetune.errors import StageError
-from finetune.io import progress, write_jsonl
 from finetune.models import load_tokenizer
 from finetune.outputs import refuse_foreign, replacing
-from finetune.tasks import task_for
+
+SPLIT_COLUMNS = {"train": ("input_ids", "labels", "source"), "validation": ("input_ids", "labels", "source"),
+                 "test": ("input_ids", "labels", "prompt", "response", "source", "messages")}
+WRITE_BATCH = 10_000  # rows per Arrow record batch of a split file
+AUTO_PROC_EXAMPLES = 20_000  # prepare.num_proc auto: one process per this many examples, up to the cores
 
 
-def percentiles(lengths: list[int], prefix: str) -> dict[str, float]:
-    if not lengths:
+def percentiles(lengths, prefix: str) -> dict[str, float]:
+    if not len(lengths):
         return {}
     qs = np.percentile(lengths, [50, 90, 95, 99])
     return {f"{prefix}_p50": float(qs[0]), f"{prefix}_p90": float(qs[1]), f"{prefix}_p95": float(qs[2]),
-            f"{prefix}_p99": float(qs[3]), f"{prefix}_max": int(max(lengths)),
+            f"{prefix}_p99": float(qs[3]), f"{prefix}_max": int(np.max(lengths)),
             f"{prefix}_mean": round(float(np.mean(lengths)), 2)}
 
 
+def processes(setting: int | str, examples: int) -> int:
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, examples // AUTO_PROC_EXAMPLES))
+
+
 def prepare(params: Params, out_dir: Path) -> dict:
-    """Read, split and tokenize; the splits are written to a temporary folder that replaces `out_dir` in one
-    rename, so the three files always come from one run."""
-    data, prepare, task = params.data, params.prepare, task_for("causal_lm")
+    """Read, tokenize and split; the splits are written to a temporary folder that replaces `out_dir` in one
+    rename, so the files always come from one run."""
+    data, prep = params.data, params.prepare
     out_dir = Path(out_dir)
     refuse_foreign(out_dir, "prepared", "the prepare stage's output")
     tokenizer = load_tokenizer(params.model)
     bad = BadRecords(data.on_bad_record)
-    examples = load_examples(data, Path(data.path), bad)
-    labels = split_labels([e.response for e in examples], data, params.evaluate)
-    splits = split_examples(examples, 0 if data.validation_path else data.validation_ratio,
-                            0 if data.test_path else data.test_ratio, data.seed, labels)
-    if labels:
-        print(f"split: stratified by {len(set(labels))} labels (data.stratify: {str(data.stratify).lower()})")
-        warning = rare_labels_warning(splits)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-    if data.validation_path:
-        splits["validation"] = load_examples(data, Path(data.validation_path), bad)
-    if data.test_path:
-        splits["test"] = load_examples(data, Path(data.test_path), bad)
+    scratch = Path(tempfile.mkdtemp(prefix="dvc-finetune-prepare-"))  # the Arrow files of the raw and tokenized data
+    try:
+        raw = read_raw(Path(data.path), bad, scratch / "raw")
+        conversation_field, _ = data_format(raw, data)
+        chat = setup_chat(tokenizer, prep.chat_template, params.model.model_name) \
+            if conversation_field or prep.chat_template else None
+        if chat and chat.added_tokens:
+            print(f"chat template: added {', '.join(chat.added_tokens)} to the tokenizer (trained with the model)")
+        sources = {"data": raw} | {name: read_raw(Path(getattr(data, f"{name}_path")), bad, scratch / name)
+                                   for name in ("validation", "test") if getattr(data, f"{name}_path")}
+        tables, counts = {}, {"truncated": 0, "dropped_overlong": 0}
+        for name, source in sources.items():
+            table = tokenized(source, data, prep, tokenizer, chat is not None, processes(prep.num_proc, len(
+                source.dataset)), str(scratch / f"{name}.tokenized.arrow"), source.path.name)
+            tables[name] = table, kept_rows(table, bad, counts)
+        table, kept = tables["data"]
+        if not len(kept):
+            raise StageError(f"{data.path}: no usable examples")
+        responses = table.data.table.column("response").take(kept).to_pylist() \
+            if data.stratify is not False else None
+        labels = split_labels(responses, data, params.evaluate) if responses is not None else None
+        positions = split_examples(list(range(len(kept))), 0 if data.validation_path else data.validation_ratio,
+                                   0 if data.test_path else data.test_ratio, data.seed, labels)
+        if labels:
+            print(f"split: stratified by {len(set(labels))} labels (data.stratify: {str(data.stratify).lower()})")
+            warning = rare_labels_warning({n: [labels[p] for p in positions[n]] for n in SPLITS})
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
+        chosen = {name: (table, kept[np.asarray(positions[name], dtype=np.int64)]) for name in SPLITS}
+        chosen |= {name: tables[name] for name in ("validation", "test") if name in tables}
+        stats = write_splits(chosen, out_dir, prep, {"format": "conversations" if conversation_field else "pairs",
+                                                     "chat": chat.meta() if chat else None})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    ordered = {f"{name}_examples": stats.pop(f"{name}_examples") for name in SPLITS}
+    supervised = stats.pop("supervised_tokens_train")
+    return ordered | counts | bad.stats() | stats | {"supervised_tokens_train": supervised}
+
+
+def kept_rows(table, bad: BadRecords, counts: dict) -> np.ndarray:
+    """Report the bad records in file order (or stop at the first), count the truncated and dropped ones; the
+    indices of the rows to keep."""
+    import pyarrow.compute as pc
+
+    status = table.with_format("arrow")["status"]
+    for value, count in zip(*pc.value_counts(status).flatten(), strict=True):
+        if value.as_py() in counts:
+            counts[value.as_py()] += count.as_py()
+    reported = np.flatnonzero(~pc.is_in(status, pa_array(KEPT + ("dropped_overlong",))).to_numpy(zero_copy_only=False))
+    if len(reported):
+        for row in table.select(reported).select_columns(["source", "status", "problem"]):
+            bad(row["source"], row["status"], row["problem"])
+    return np.flatnonzero(pc.is_in(status, pa_array(KEPT)).to_numpy(zero_copy_only=False))
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values)
+
+
+def write_splits(chosen: dict, out_dir: Path, prep, meta: dict) -> dict:
+    """Each split's rows (table, indices) as `<split>.arrow`, and META, in a folder swapped in whole."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     stats: dict = {}
-    counts = {"truncated": 0, "dropped_overlong": 0}
-    lengths: list[int] = []
-    prepared = {}
-    for name in SPLITS:
-        records = []
-        for example in progress(splits[name], total=len(splits[name]), desc=f"tokenize {name}"):
-            record, status = task.tokenize(example, tokenizer, prepare)
-            if status == "prompt_too_long":
-                bad(example.source, status, f"the prompt alone is {prepare.max_length}+ tokens "
-                    f"(prepare.max_length={prepare.max_length}), so no response token would be trained on")
-            elif status != "ok":
-                counts[status] += 1
-            if record is not None:
-                records.append(record)
-                lengths.append(len(record["input_ids"]))
-        if not records:
-            raise StageError(f"prepare: the {name} split is empty after filtering ({len(splits[name])} raw examples,"
-                             f" prepare.max_length={prepare.max_length}); add data or raise max_length")
-        prepared[name] = records
-        stats[f"{name}_examples"] = len(records)
-    warning = small_test_warning(len(prepared["test"]))
+    lengths: list[np.ndarray] = []
+    with replacing(out_dir, "prepared", "the prepare stage's output") as staged:
+        for name in SPLITS:
+            table, indices = chosen[name]
+            if not len(indices):
+                raise StageError(f"prepare: the {name} split is empty after filtering (prepare.max_length="
+                                 f"{prep.max_length}); add data or raise max_length")
+            columns = table.data.table.select(list(SPLIT_COLUMNS[name])).replace_schema_metadata(None)
+            supervised = 0
+            with pa.OSFile(str(split_file(staged, name)), "wb") as sink, \
+                    pa.ipc.new_stream(sink, columns.schema) as writer:
+                for start in range(0, len(indices), WRITE_BATCH):
+                    batch = columns.take(indices[start:start + WRITE_BATCH]).combine_chunks()
+                    writer.write_table(batch)
+                    lengths.append(pc.list_value_length(batch["input_ids"]).to_numpy())
+                    supervised += pc.sum(pc.not_equal(pc.list_flatten(batch["labels"]), IGNORE_INDEX)).as_py()
+            stats[f"{name}_examples"] = len(indices)
+            if name == "train":
+                stats["supervised_tokens_train"] = supervised
+        (staged / META).write_text(json.dumps(meta | {"examples": {n: stats[f"{n}_examples"] for n in SPLITS}},
+                                              indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    warning = small_test_warning(stats["test_examples"])
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-
-    with replacing(out_dir, "prepared", "the prepare stage's output") as staged:
-        for name, records in prepared.items():
-            write_jsonl(staged / f"{name}.jsonl", records)
-    stats.update(counts)
-    stats.update(bad.stats())
-    stats.update(percentiles(lengths, "tokens"))
-    stats["supervised_tokens_train"] = sum(sum(t != IGNORE_INDEX for t in r["labels"]) for r in prepared["train"])
+    stats.update(percentiles(np.concatenate(lengths), "tokens"))
     return stats

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class Example:
 
 
 BAD_KINDS = ("invalid_utf8", "invalid_json", "not_an_object", "duplicate_key", "field_count", "missing_field",
-             "empty_field", "wrong_type", "prompt_too_long")
+             "empty_field", "wrong_type", "invalid_conversation", "prompt_too_long")
 
 CSV_FIELD_LIMIT = 16 * 2**20  # characters; a bigger CSV field is almost always an unclosed quote
 
@@ -82,7 +83,11 @@ def _json_record(text: str, source: str, bad: BadRecords, start: int = 0) -> tup
 
 
 def read_json_lines(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
-    rows = []
+    return list(iter_json_lines(path, bad))
+
+
+def iter_json_lines(path: Path, bad: BadRecords) -> Iterator[tuple[str, dict]]:
+    """(source, record) of each line, read as it goes: a bad line is reported with its number."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             source = f"{path}:{lineno}"
@@ -103,8 +108,7 @@ def read_json_lines(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
             if record is not None and line[end:].strip():
                 bad(source, "invalid_json", f"invalid JSON (extra data at column {end + 1})")
             elif record is not None:
-                rows.append((source, record))
-    return rows
+                yield source, record
 
 
 def read_json_array(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
@@ -180,23 +184,33 @@ def read_csv(path: Path, text: str, bad: BadRecords) -> list[tuple[str, dict]]:
     return rows
 
 
-def read_rows(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
-    """(location, record) pairs. JSONL, JSON and CSV are read by this module, so problems name the line (and the
-    record of a JSON array); Parquet and Arrow, whose columns are typed, through `datasets`."""
+SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+
+
+def check_data_path(path: Path) -> None:
+    """Refuse a path that holds no data file (or dataset folder) before anything is read."""
     if not path.exists():
         raise StageError(f"data.path: {path} does not exist")
     if path.is_dir():
-        raise StageError(f"data.path: {path} is a folder; give a data file (.jsonl, .json, .csv, .tsv, .parquet "
-                         "or .arrow)")
+        if not any(p.suffix in SUFFIXES or p.name == "dataset_info.json" for p in path.rglob("*")):
+            raise StageError(f"data.path: {path} is a folder with no data files (.jsonl, .json, .csv, .tsv, "
+                             ".parquet or .arrow) that `datasets` could load")
+        return
     if path.stat().st_size == 0:
         raise StageError(f"{path}: no examples (empty file)")
-    if path.suffix not in (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow"):
+    if path.suffix not in SUFFIXES:
         raise StageError(f"data.path: {path}: unsupported file type {path.suffix!r} "
-                         "(use .jsonl, .json, .csv, .tsv, .parquet or .arrow)")
-    if path.suffix in (".parquet", ".arrow"):
-        import datasets
+                         "(use .jsonl, .json, .csv, .tsv, .parquet or .arrow, or a dataset folder)")
 
-        table = datasets.load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+
+def read_rows(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
+    """(location, record) pairs. JSONL, JSON and CSV are read by this module, so problems name the line (and the
+    record of a JSON array); Parquet, Arrow and dataset folders, whose columns are typed, through `datasets`."""
+    check_data_path(path)
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        from finetune.data.sources import typed_dataset
+
+        table = typed_dataset(path)
         return [(f"{path}:record {i + 1}", dict(r)) for i, r in enumerate(table)]
     if path.suffix == ".json" or path.suffix in (".csv", ".tsv"):
         text = path.read_bytes().decode("utf-8-sig", "surrogateescape")  # utf-8-sig: a BOM, as Excel writes
@@ -207,8 +221,9 @@ def read_rows(path: Path, bad: BadRecords) -> list[tuple[str, dict]]:
     return read_json_lines(path, bad)
 
 
-def field_names(data: DataParams, keys: set[str], path: Path) -> tuple[str, str | None, str]:
+def field_names(data: DataParams, keys: set[str] | list[str], path: Path) -> tuple[str, str | None, str]:
     """(prompt, input or None, response) field names: from params, else recognized from the record's keys."""
+    keys = set(keys)
     if data.prompt_field:
         return data.prompt_field, data.input_field, data.response_field
     if {"prompt", "response"} <= keys:
@@ -216,38 +231,48 @@ def field_names(data: DataParams, keys: set[str], path: Path) -> tuple[str, str 
     if {"instruction", "output"} <= keys:
         return "instruction", "input", "output"
     raise StageError(f"{path}: cannot tell prompt from response in fields {sorted(keys)}; expected prompt/response "
-                     "or instruction/input/output, or set data.prompt_field and data.response_field")
+                     "or instruction/input/output, messages (role/content) or conversations (from/value), or set "
+                     "data.prompt_field and data.response_field, or data.messages_field")
+
+
+Problem = tuple[str, str]  # (kind, message) of a bad record
+
+
+def pair_of(record: dict, fields: tuple[str, str | None, str]) -> tuple[tuple[str, str] | None, Problem | None]:
+    """((prompt, response), None) of a record, or (None, (kind, problem)) when it is a bad record."""
+    prompt_key, input_key, response_key = fields
+    for key in (prompt_key, response_key):
+        value = record.get(key)
+        if value is None:
+            return None, ("missing_field", f"field {key!r} is missing")
+        if not isinstance(value, str):
+            return None, ("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
+        if not value.strip():
+            return None, ("empty_field", f"field {key!r} is empty")
+        if _SURROGATE.search(value):
+            return None, ("invalid_utf8", f"field {key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
+    context = record.get(input_key) if input_key else None
+    if context is not None and not isinstance(context, str):
+        return None, ("wrong_type", f"field {input_key!r} is {type(context).__name__}, expected a string")
+    if context and _SURROGATE.search(context):
+        return None, ("invalid_utf8", f"field {input_key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
+    prompt = f"{record[prompt_key]}\n\n{context}" if context and context.strip() else record[prompt_key]
+    return (prompt, record[response_key]), None
 
 
 def load_examples(data: DataParams, path: Path, bad: BadRecords | None = None) -> list[Example]:
+    """The prompt/response examples of a (small) file, in memory; the prepare stage reads through
+    finetune.data.sources instead, into Arrow."""
     bad = bad or BadRecords("fail")
     rows = read_rows(path, bad)
     if not rows:
         raise StageError(f"{path}: no usable examples")
-    prompt_key, input_key, response_key = field_names(data, set(rows[0][1]), path)
+    fields = field_names(data, set(rows[0][1]), path)
     examples = []
     for source, record in rows:
-        problem = None
-        for key in (prompt_key, response_key):
-            value = record.get(key)
-            if value is None:
-                problem = ("missing_field", f"field {key!r} is missing")
-            elif not isinstance(value, str):
-                problem = ("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
-            elif not value.strip():
-                problem = ("empty_field", f"field {key!r} is empty")
-            elif _SURROGATE.search(value):
-                problem = ("invalid_utf8", f"field {key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
-            if problem:
-                break
-        context = record.get(input_key) if input_key else None
-        if not problem and context is not None and not isinstance(context, str):
-            problem = ("wrong_type", f"field {input_key!r} is {type(context).__name__}, expected a string")
-        elif not problem and context and _SURROGATE.search(context):
-            problem = ("invalid_utf8", f"field {input_key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
+        pair, problem = pair_of(record, fields)
         if problem:
             bad(source, *problem)
             continue
-        prompt = f"{record[prompt_key]}\n\n{context}" if context and context.strip() else record[prompt_key]
-        examples.append(Example(prompt=prompt, response=record[response_key], source=source))
+        examples.append(Example(prompt=pair[0], response=pair[1], source=source))
     return examples

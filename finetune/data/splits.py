@@ -10,7 +10,6 @@ from fractions import Fraction
 
 from finetune.config.data import DataParams
 from finetune.config.evaluate import EvaluateParams
-from finetune.data.records import Example
 from finetune.errors import StageError
 from finetune.metrics import detect_labels, normalize_label
 
@@ -86,9 +85,10 @@ def split_labels(responses: list[str], data: DataParams, evaluate: EvaluateParam
     return None
 
 
-def rare_labels_warning(splits: dict[str, list[Example]]) -> str | None:
-    """The labels some (non-empty) split holds none of: too rare to stratify, they get their share rounded, to 0."""
-    have = {name: Counter(normalize_label(e.response) for e in split) for name, split in splits.items() if split}
+def rare_labels_warning(splits: dict[str, list[str]]) -> str | None:
+    """The labels some (non-empty) split holds none of: too rare to stratify, they get their share rounded, to 0.
+    `splits`: each split's labels (normalized, as split_labels gives them)."""
+    have = {name: Counter(split) for name, split in splits.items() if split}
     total = sum(have.values(), Counter())
     rare = {label: [name for name in SPLITS if name in have and not have[name][label]] for label in sorted(total)}
     rare = {label: missing for label, missing in rare.items() if missing}

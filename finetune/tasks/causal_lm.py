@@ -26,27 +26,48 @@ def tokenize_example(example: Example, tokenizer, prepare: PrepareParams) -> tup
     Prompt and response are tokenized separately and concatenated, so the mask boundary is exact whatever the
     tokenizer merges; EOS ends the response so the model learns to stop.
     """
-    prompt_text = prepare.template.format(prompt=example.prompt)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    status = "ok"
-    if len(prompt_ids) + len(response_ids) > prepare.max_length:
-        if prepare.overlong == "drop":
-            return None, "dropped_overlong"
-        if len(prompt_ids) >= prepare.max_length:  # nothing of the response would be left to learn from
-            return None, "prompt_too_long"
-        response_ids = response_ids[:prepare.max_length - len(prompt_ids)]
-        status = "truncated"
-    record = {
-        "input_ids": prompt_ids + response_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-        "prompt": prompt_text,
-        "response": example.response,
-        "source": example.source,
-    }
+    record, status = tokenize_pairs([(example.prompt, example.response)], tokenizer, prepare)[0]
+    if record is not None:
+        record["source"] = example.source
     return record, status
 
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, prepare: PrepareParams) -> list[tuple[dict | None, str]]:
+    """tokenize_example for a batch of (prompt, response) pairs: two batched tokenizer calls."""
+    prompts = [prepare.template.format(prompt=prompt) for prompt, _ in pairs]
+    prompt_ids = encode(tokenizer, prompts, add_special_tokens=True)
+    response_ids = encode(tokenizer, [response for _, response in pairs], add_special_tokens=False)
+    eos, limit = tokenizer.eos_token_id, prepare.max_length
+    out: list[tuple[dict | None, str]] = []
+    for prompt_text, (_, response), p_ids, r_ids in zip(prompts, pairs, prompt_ids, response_ids, strict=True):
+        r_ids = r_ids + [eos]
+        status = "ok"
+        if len(p_ids) + len(r_ids) > limit:
+            if prepare.overlong == "drop":
+                out.append((None, "dropped_overlong"))
+                continue
+            if len(p_ids) >= limit:  # nothing of the response would be left to learn from
+                out.append((None, "prompt_too_long"))
+                continue
+            r_ids = r_ids[:limit - len(p_ids)]
+            status = "truncated"
+        out.append(({"input_ids": p_ids + r_ids, "labels": [IGNORE_INDEX] * len(p_ids) + r_ids,
+                     "prompt": prompt_text, "response": response}, status))
+    return out
+
+
+def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """The token ids of `texts`, as `tokenizer(texts)["input_ids"]` gives them, straight from the Rust tokenizer
+    when there is one (transformers' per-text conversion costs as much as the tokenizing itself)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.padding or backend.truncation:
+        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # without offsets (tokenizers >= 0.21)
+    return [encoding.ids for encoding in fast(texts, add_special_tokens=add_special_tokens)]
+
+
 CHAT_TEMPLATE_MARKER = "{# dvc-finetune: params prepare.template, one user message #}"  # how predict knows it
+CONVERSATION_MARKER = "{# dvc-finetune: trained on conversations in this template #}"
 
 
 def chat_template(template: str) -> str:
@@ -70,26 +91,29 @@ def chat_template(template: str) -> str:
 
 
 @torch.no_grad()
-def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int) -> dict[str, float]:
+def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy over response tokens (token-weighted, prompt and padding excluded), perplexity, and
-    next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens."""
+    next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens. `rows`: a list of records,
+    or a Dataset read a batch at a time."""
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     y_true: list[int] = []
     y_pred: list[int] = []
-    ordered = sorted(rows, key=lambda r: -len(r["input_ids"]))  # similar lengths together: less padding
+    lengths = token_counts(rows)
+    ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths together: less padding
     size = BatchSize(batch_size)
-    for batch in progress(size.batches(ordered), total=-(-len(ordered) // batch_size), desc="loss"):
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch])
-        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch])
-        mask = (torch.arange(width)[None, :] < torch.tensor([len(r["input_ids"]) for r in batch])[:, None]).long()
+    for idx in progress(size.batches(ordered), total=-(-len(ordered) // batch_size), desc="loss"):
+        batch = take(rows, idx)
+        width = max(len(ids) for ids in batch["input_ids"])
+        ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch["input_ids"]])
+        labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in batch["labels"]])
+        mask = (torch.arange(width)[None, :] < torch.tensor([lengths[i] for i in idx])[:, None]).long()
         try:
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         except torch.cuda.OutOfMemoryError:
-            size.halve(len(batch), "evaluate.batch_size")
+            size.halve(len(idx), "evaluate.batch_size")
             continue
-        size.done(len(batch))
+        size.done(len(idx))
         # Position t predicts token t+1.
         logits, targets = logits[:, :-1], labels[:, 1:].to(device)
         keep = targets != IGNORE_INDEX
@@ -101,6 +125,28 @@ def loss_and_token_metrics(model, rows: list[dict], pad_id: int, batch_size: int
     loss = total_loss / total_tokens
     return {"eval_loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))),
             **M.classification(y_true, y_pred, "token")}
+
+
+def column(rows, name: str) -> list:
+    """One field of every record: a Dataset's column through Arrow (no row dicts), a list's by record."""
+    if hasattr(rows, "with_format"):
+        return rows.with_format("arrow")[name].to_pylist()
+    return [r[name] for r in rows]
+
+
+def token_counts(rows) -> list[int]:
+    if hasattr(rows, "with_format"):
+        import pyarrow.compute as pc
+
+        return pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_pylist()
+    return [len(r["input_ids"]) for r in rows]
+
+
+def take(rows, idx: list[int]) -> dict[str, list]:
+    """The records at `idx` as columns (input_ids, labels)."""
+    if hasattr(rows, "with_format"):
+        return rows[idx]
+    return {"input_ids": [rows[i]["input_ids"] for i in idx], "labels": [rows[i]["labels"] for i in idx]}
 
 
 def label_set(references: list[str], evaluate: EvaluateParams) -> list[str] | None:
@@ -148,14 +194,19 @@ class CausalLM:
         """Packed rows of prepare.max_length (checked against the model on a few rows), else padded batches."""
         if train.packing:
             collator = PackedCollator(tokenizer.pad_token_id, prepare.max_length)
-            check_packing(model, collator, rows)
+            check_packing(model, collator, [rows[i] for i in range(min(4, len(rows)))])
             return collator
         from transformers import DataCollatorForSeq2Seq
 
         return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
 
-    def save_with_tokenizer(self, tokenizer, prepare: PrepareParams) -> None:
-        tokenizer.chat_template = chat_template(prepare.template)
+    def save_with_tokenizer(self, tokenizer, prepare: PrepareParams, chat: dict | None = None) -> None:
+        """The prompt template as the chat template; conversations keep the chat template they were rendered with
+        (already on the tokenizer, with the tokens it added)."""
+        if not chat:
+            tokenizer.chat_template = chat_template(prepare.template)
+        elif CONVERSATION_MARKER not in tokenizer.chat_template:  # a Jinja comment: renders nothing
+            tokenizer.chat_template += CONVERSATION_MARKER
 
     def generation_defaults(self, model, tokenizer):
         """The model's generation config with the saved tokenizer's EOS and padding ids (padding may be EOS, set by
@@ -165,13 +216,20 @@ class CausalLM:
         generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         return generation
 
-    def evaluate(self, model, tokenizer, rows: list[dict], evaluate: EvaluateParams) -> tuple[dict, list[dict]]:
-        """Loss and next-token metrics on the responses, then the generated answers scored against them."""
+    def evaluate(self, model, tokenizer, rows, evaluate: EvaluateParams, chat: bool = False) -> \
+            tuple[dict, list[dict]]:
+        """Loss and next-token metrics on the trained tokens, then the generated answers scored against the
+        references. Conversations: the model answers the final turn from the conversation before it, rendered by
+        the chat template with its generation prompt (which holds any BOS token itself); the records keep the
+        conversation."""
         metrics = {"examples": len(rows)}
         metrics.update(loss_and_token_metrics(model, rows, tokenizer.pad_token_id, evaluate.batch_size))
-        predictions = generate(model, tokenizer, [r["prompt"] for r in rows], evaluate)
-        references = [r["response"] for r in rows]
+        prompts, references, sources = column(rows, "prompt"), column(rows, "response"), column(rows, "source")
+        predictions = generate(model, tokenizer, prompts, evaluate, add_special_tokens=not chat)
         metrics.update(score(predictions, references, evaluate))
-        records = [{"source": r["source"], "prompt": r["prompt"], "reference": ref, "prediction": pred}
-                   for r, ref, pred in zip(rows, references, predictions, strict=True)]
+        records = [{"source": source, "prompt": prompt, "reference": ref, "prediction": pred}
+                   for source, prompt, ref, pred in zip(sources, prompts, references, predictions, strict=True)]
+        if chat:
+            for record, messages in zip(records, column(rows, "messages"), strict=True):
+                record["messages"] = json.loads(messages)
         return metrics, records

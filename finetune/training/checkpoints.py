@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from finetune.config.params import Params, as_dict
+from finetune.data.prepared import META
 from finetune.outputs import CHECKPOINT_MARKER, claim, file_digest
 from finetune.tracking import RUN_STATE
 
@@ -46,7 +47,7 @@ def fingerprint(params: Params, prepared_dir: Path, processes: int = 1) -> str:
         "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
         "row_length": params.prepare.max_length,
         "quantization": as_dict(params.quantization) if params.train.method == "qlora" else None,
-        "data": {name: file_digest(prepared_dir / f"{name}.jsonl") for name in ("train", "validation")},
+        "data": {name: file_digest(prepared_dir / name) for name in ("train.arrow", "validation.arrow", META)},
         "code": {path.relative_to(package).as_posix(): file_digest(path) for path in code},
         "versions": versions(),
         "processes": processes,

@@ -25,9 +25,11 @@ from finetune import metrics as M
 from finetune.batching import padding_fraction
 from finetune.config.params import Params, as_dict
 from finetune.config.train import schedule_warnings
+from finetune.data.chat import apply_chat
+from finetune.data.prepared import open_split, read_meta, split_file
 from finetune.errors import StageError
-from finetune.io import read_jsonl, write_json
-from finetune.models import load_base_model, load_tokenizer, lora_config, unpacked_4bit_layers
+from finetune.io import write_json
+from finetune.models import fit_embeddings, load_base_model, load_tokenizer, lora_config, unpacked_4bit_layers
 from finetune.outputs import refuse_foreign, replacing
 from finetune.tasks import task_for
 from finetune.tracking import Tracking
@@ -107,6 +109,8 @@ class TrainingRun:
         for message in schedule_warnings(train, len(train_rows)):
             print(f"warning: {message}", file=sys.stderr)
         tokenizer = load_tokenizer(params.model)
+        self.chat = read_meta(self.prepared_dir)["chat"]
+        apply_chat(tokenizer, self.chat)  # conversations: the template, tokens and EOS prepare used
         # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies
         # that LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
         base_trains = bool(params.lora.modules_to_save) or params.lora.bias != "none"
@@ -114,6 +118,9 @@ class TrainingRun:
             if method == "lora" and not base_trains else "float32"
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
                                 self.task.model_class())
+        new_tokens = fit_embeddings(model, len(tokenizer))
+        if new_tokens:
+            print(f"embeddings: {len(new_tokens)} rows added for the chat template's tokens, trained with the model")
         self.base_memory_mb = model.get_memory_footprint() / 2**20
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
@@ -122,7 +129,7 @@ class TrainingRun:
             unpacked_4bit_layers(model)  # trainable layout, also after each validation
         if method in ("lora", "qlora"):
             check_target_modules(model, params.lora, params.model.model_name)
-            model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type))
+            model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type, new_tokens))
         collator = self.task.collator(tokenizer, train, params.prepare, model, train_rows)
         trainable, total = trainable_parameters(model)
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
@@ -187,13 +194,13 @@ class TrainingRun:
         generation = self.task.generation_defaults(trainer.model, tokenizer)
         if generation is not None:
             generation.save_pretrained(folder)
-        self.task.save_with_tokenizer(tokenizer, params.prepare)
+        self.task.save_with_tokenizer(tokenizer, params.prepare, self.chat)
         tokenizer.save_pretrained(folder)
         write_json(folder / "train_config.json", {
             "task": self.task.name, "model": as_dict(params.model), "train": as_dict(params.train),
             "lora": as_dict(params.lora), "quantization": as_dict(params.quantization), "device": precision.device,
             "precision": precision.dtype, "precision_reason": precision.reason, "processes": ranks.world_size(),
-            "versions": versions()})
+            "tokenizer_size": len(tokenizer), "chat": self.chat is not None, "versions": versions()})
 
     def finish(self) -> None:
         ranks.barrier()
@@ -246,11 +253,9 @@ def resume_step(checkpoint: Path | None) -> int | None:
     return int(checkpoint.name.split("-")[-1]) if checkpoint else None
 
 
-def load_split(prepared_dir: Path, name: str) -> list[dict]:
-    path = prepared_dir / f"{name}.jsonl"
-    if not path.exists():
-        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in read_jsonl(path)]
+def load_split(prepared_dir: Path, name: str):
+    """A prepared split as a Dataset memory-mapped from its Arrow file: rows are read as batches need them."""
+    return open_split(split_file(prepared_dir, name)).select_columns(["input_ids", "labels"])
 
 
 def quantization_summary(params: Params) -> str:

@@ -1,0 +1,32 @@
+"""The prepared folder the prepare stage writes and train, evaluate and merge read: one Arrow file per split
+(memory-mapped where it is read) and `prepared.json`, which says how the records were made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.errors import StageError
+
+META = "prepared.json"  # {"format": "pairs"|"conversations", "chat": the chat setup or null, "examples": {...}}
+
+
+def split_file(prepared_dir: Path, name: str) -> Path:
+    return Path(prepared_dir) / f"{name}.arrow"
+
+
+def read_meta(prepared_dir: Path) -> dict:
+    path = Path(prepared_dir) / META
+    if not path.exists():
+        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def open_split(path: Path):
+    """A split file as a Dataset memory-mapped from its Arrow file: rows are read as they are needed."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    return datasets.Dataset.from_file(str(path))
