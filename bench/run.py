@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
 
             print("prepare...", file=sys.stderr)
             started = time.perf_counter()
-            results["prepare"] = bench_prepare(args.prepare_examples)
+            results["prepare"] = bench_prepare(args.prepare_examples, rounds=2)
             results["prepare"]["bench_seconds"] = round(time.perf_counter() - started, 1)
         if "flops" in only and "train" in results:
             results["flops"] = bench_flops(params, results["train"])

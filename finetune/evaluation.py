@@ -51,7 +51,7 @@ def evaluate(params: Params, which: str, test_file: Path) -> tuple[dict, list[di
     model = load_model(params, which)
     if which == "base" and chat:  # conversations: the base reads them as train did, untrained rows for added tokens
         apply_chat(tokenizer, chat)
-        fit_embeddings(model, len(tokenizer))
+        fit_embeddings(model, len(tokenizer), sorted(chat["added_tokens"].values()))
     task = task_of(Path(params.train.finetuned_dir)) if which == "finetuned" else task_for("causal_lm")
     print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
     metrics, records = task.evaluate(model, tokenizer, rows, params.evaluate, chat=chat is not None)

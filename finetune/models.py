@@ -161,9 +161,10 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True):
     return PeftModel.from_pretrained(base, finetuned_dir)
 
 
-def lora_config(lora: LoraParams, task_type: str, new_tokens: list[int] | None = None):
-    """params.lora -> peft's LoraConfig for the task's model (task_type: peft's TaskType, e.g. CAUSAL_LM); the
-    embeddings of `new_tokens` (added to the tokenizer by a chat template) are trained too, row by row."""
+def lora_config(lora: LoraParams, task_type: str, new_tokens: dict[str, list[int]] | None = None):
+    """params.lora -> peft's LoraConfig for the task's model (task_type: peft's TaskType, e.g. CAUSAL_LM).
+    `new_tokens`: embedding layer name -> the ids of tokens a chat template added, whose rows are trained too
+    (peft's trainable tokens: those rows only, not the whole matrix)."""
     from peft import LoraConfig
 
     trains_embeddings = any(m in ("embed_tokens", "lm_head", "wte") for m in lora.modules_to_save or [])
@@ -174,17 +175,28 @@ def lora_config(lora: LoraParams, task_type: str, new_tokens: list[int] | None =
                       trainable_token_indices=new_tokens if new_tokens and not trains_embeddings else None)
 
 
-def fit_embeddings(model, size: int) -> list[int]:
-    """Grow the model's embeddings to `size` tokens (the tokenizer's, after a chat template added some); the new
-    rows start at the mean of the old ones, the same on every load. Returns the new token ids."""
+def embedding_layers(model) -> list[str]:
+    """The names (last part) of the input embedding and, when it is not tied to it, the output layer."""
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = outputs is None or outputs.weight.data_ptr() == inputs.weight.data_ptr()
+    return [names[id(inputs)]] + ([] if tied else [names[id(outputs)]])
+
+
+def fit_embeddings(model, size: int, new_ids: list[int] = ()) -> None:
+    """Grow the model's embeddings to `size` tokens (the tokenizer's, after a chat template added some), and start
+    the rows of `new_ids` at the mean of the others (also rows a padded vocabulary already had), the same on every
+    load."""
     import torch
 
     rows = model.get_input_embeddings().weight.shape[0]
-    if size <= rows:
-        return []
-    model.resize_token_embeddings(size, mean_resizing=False)
+    if size > rows:
+        model.resize_token_embeddings(size, mean_resizing=False)
+    if not new_ids:
+        return
     with torch.no_grad():
         for layer in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())
                       if m is not None}.values():
-            layer.weight[rows:] = layer.weight[:rows].float().mean(0).to(layer.weight.dtype)
-    return list(range(rows, size))
+            keep = torch.ones(layer.weight.shape[0], dtype=torch.bool)
+            keep[list(new_ids)] = False
+            layer.weight[list(new_ids)] = layer.weight[keep].float().mean(0).to(layer.weight.dtype)

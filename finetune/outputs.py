@@ -39,7 +39,7 @@ CHECKPOINT_MARKER = "fingerprint.json"  # what the train stage writes into each 
 
 # What the fixed outputs may hold, and what the Trainer writes into a checkpoint (paths relative to the folder).
 KNOWN_FILES = {
-    "prepared": r"(train|validation|test)\.arrow|prepared\.json",
+    "prepared": r"(train|validation|test)\.(arrow|jsonl)|prepared\.json",  # .jsonl: what earlier versions wrote
     "live": r"metrics\.json|params\.yaml|report\.(html|md)|plots/metrics/[\w./-]+\.tsv",
     "checkpoint": r"adapter_model\.safetensors|adapter_config\.json|model(-\d+-of-\d+)?\.safetensors"
                   r"|model\.safetensors\.index\.json|config\.json|generation_config\.json|optimizer\.pt|scheduler\.pt"

@@ -15,7 +15,8 @@ from finetune.models import load_tokenizer
 def prepared(workdir):
     params = load_params()
     run_prepare(params)
-    rows = prepared_rows(workdir / "data/prepared", "train")
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]}  # what training reads of a split
+            for r in prepared_rows(workdir / "data/prepared", "train")]
     tokenizer = load_tokenizer(params.model)
     model = AutoModelForCausalLM.from_pretrained(params.model.model_name, attn_implementation="sdpa")
     model.config.use_cache = False

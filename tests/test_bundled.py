@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from make_dataset import instruction_pairs, number_words
+from make_dataset import conversation, instruction_pairs, number_words
 from safetensors.torch import load_file
 
 from finetune.config.model import ModelParams
@@ -15,6 +15,16 @@ from finetune.models import load_base_model, load_tokenizer
 def test_dataset_file_is_the_generator_output():
     lines = (ROOT / "data/raw/transforms.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == instruction_pairs(3000, seed=0)
+
+
+def test_conversations_file_is_the_generator_output():
+    import random
+
+    rng = random.Random(0)
+    lines = (ROOT / "data/raw/conversations.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [conversation(rng) for _ in range(1500)]
+    first = json.loads(lines[0])["messages"]
+    assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant"]
 
 
 def test_number_words():

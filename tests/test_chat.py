@@ -4,6 +4,7 @@ chat templates, checked against a rendering written out here by hand, segment by
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -153,10 +154,16 @@ def test_sharegpt_turns_become_messages_and_bad_ones_say_why():
     assert turns(value, "conversations") == ([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                                               {"role": "assistant", "content": "A"}], None)
     assert turns(json.dumps(value), "conversations")[0][2]["content"] == "A"  # a JSON string, as in a CSV cell
-    assert "expected one of system, human" in turns([{"from": "bot", "value": "A"}], "conversations")[1]
-    assert "ends with the assistant's answer" in turns(value[:2], "conversations")[1]
-    assert "holds no turns" in turns([], "messages")[1]
-    assert "content is int" in turns([{"role": "user", "content": 1}], "messages")[1]
+    assert "expected one of system, human" in turns([{"from": "bot", "value": "A"}], "conversations")[1][1]
+    assert "ends with the assistant's answer" in turns(value[:2], "conversations")[1][1]
+    assert turns([], "messages")[1] == ("invalid_conversation", "field 'messages' holds no turns")
+    assert "content is int" in turns([{"role": "user", "content": 1}], "messages")[1][1]
+    assert turns([{"role": "user", "content": "a\ud800"}], "messages")[1][0] == "invalid_utf8"
+    # Arrow gives every turn of a file all the keys any turn has: a null "from" beside a "role"
+    mixed = [{"from": None, "value": None, "role": "user", "content": "Q"},
+             {"from": "gpt", "value": "A", "role": None, "content": None}]
+    assert turns(mixed, "conversations")[0] == [{"role": "user", "content": "Q"}, {"role": "assistant",
+                                                                                  "content": "A"}]
 
 
 def test_batched_token_ids_equal_the_tokenizers_own():
@@ -171,3 +178,84 @@ def test_batched_token_ids_equal_the_tokenizers_own():
     tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     assert encode(tokenizer, texts, True) == tokenizer(texts)["input_ids"]
     assert encode(tokenizer, texts, True)[0][0] == bos
+
+
+def test_a_misspelt_template_name_or_broken_jinja_is_a_params_error(tmp_path):
+    import yaml
+
+    from finetune.config.params import load_params
+    from finetune.config.schema import ParamsError
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for value, message in (("chatlm", "did you mean 'chatml'?"), ("{{ messages[0]['content'] }", "does not parse"),
+                           ("zephyr", None), ("{% for m in messages %}{{ m['content'] }}{% endfor %}", None)):
+        params["prepare"]["chat_template"] = value
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if message is None:
+            assert load_params(tmp_path / "params.yaml").prepare.chat_template == value
+            continue
+        with pytest.raises(ParamsError, match=rf"params.yaml:\d+: prepare.chat_template: .*{re.escape(message)}"):
+            load_params(tmp_path / "params.yaml")
+
+
+def test_an_inline_template_goes_through_dvc_set_param_in_double_quotes(tmp_path):
+    """The README's command: dvc exp run -S 'prepare.chat_template="{% ... %}"' (DVC's override grammar takes a
+    double-quoted value whole); the template it sets trains each answer and its EOS."""
+    import shlex
+
+    import yaml
+    from dvc.utils.hydra import apply_overrides
+
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("dvc exp run -S 'prepare.chat_template="))
+    override = shlex.split(command)[-1]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prepare": {"chat_template": None}}))
+    apply_overrides(str(tmp_path / "params.yaml"), [override])
+    template = yaml.safe_load((tmp_path / "params.yaml").read_text())["prepare"]["chat_template"]
+    assert template.startswith("{% for m in messages %}<|{{ m.role }}|>")
+    tokenizer = bundled_tokenizer()
+    setup_chat(tokenizer, template, "models/base")
+    [(_, labels)] = tokenize_conversations([CONVERSATION], tokenizer, ["assistant"], "all")
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "940</s>The horses watch.</s>"
+
+
+@pytest.mark.parametrize("answer", ["a", "ant", "s", "id", "user", "im"])
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_a_short_answer_is_found_in_its_slot_not_in_a_header(name, answer):
+    """An answer whose letters also appear in the role header or the end-of-turn token is trained where the
+    template put it, with its end-of-turn token, and nothing of the header."""
+    tokenizer = bundled_tokenizer()
+    chat = setup_chat(tokenizer, name, "models/base")
+    conversation = [{"role": "user", "content": "Is it?"}, {"role": "assistant", "content": answer}]
+    [(_, labels)] = tokenize_conversations([conversation], tokenizer, ["assistant"], "all")
+    trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert trained.strip() == answer + chat.eos_token
+
+
+def test_an_empty_turn_after_an_answer_leaves_its_end_of_turn_token_trained():
+    tokenizer = bundled_tokenizer()
+    setup_chat(tokenizer, "chatml", "models/base")
+    conversation = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": ""}, {"role": "assistant", "content": "bye"}]
+    [(_, labels)] = tokenize_conversations([conversation], tokenizer, ["assistant"], "all")
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "hello<|im_end|>bye<|im_end|>"
+
+
+def test_added_tokens_train_in_an_untied_output_layer_too():
+    """A model whose output layer is not tied to its embeddings gets the new rows trained in both."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.config.model import LoraParams
+    from finetune.models import embedding_layers, fit_embeddings, lora_config
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    fit_embeddings(model, 52, [50, 51])
+    assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 52
+    layers = embedding_layers(model)
+    assert layers == ["embed_tokens", "lm_head"]
+    peft_model = get_peft_model(model, lora_config(LoraParams(), "CAUSAL_LM", dict.fromkeys(layers, [50, 51])))
+    trained = [n for n, p in peft_model.named_parameters() if p.requires_grad and "token" in n]
+    assert len(trained) == 2 and any("lm_head" in n for n in trained)

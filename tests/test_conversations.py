@@ -166,3 +166,29 @@ def test_the_splits_do_not_depend_on_the_number_of_processes(workdir, num_proc):
     set_params(workdir, prepare__num_proc=num_proc)
     run_prepare(load_params())
     assert {p.name: p.read_bytes() for p in (workdir / "data/prepared").iterdir()} == one
+
+
+def test_two_records_on_one_line_are_reported_on_that_line(workdir):
+    """Arrow's reader takes two objects on one line as two rows; the line reader reports the line, as before."""
+    data = workdir / "data/raw/toy.jsonl"
+    lines = data.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].rstrip("\n") + " " + lines[4]
+    data.write_text("".join(lines))
+    with pytest.raises(StageError, match=r"data/raw/toy\.jsonl:4: invalid JSON \(extra data at column"):
+        run_prepare(load_params())
+
+
+def test_pairs_trained_as_conversations_when_the_test_file_holds_conversations(workdir):
+    """Pair data with a conversation test file: the pairs become one-turn conversations in the same template."""
+    write_lines(workdir / "data/raw/chat_test.jsonl", [conversation(n) for n in range(20)])
+    set_params(workdir, data__test_path="data/raw/chat_test.jsonl", prepare__max_length=128)
+    with pytest.raises(StageError, match="has no chat template"):
+        run_prepare(load_params())
+    set_params(workdir, prepare__chat_template="chatml")
+    stats = run_prepare(load_params())
+    assert stats["test_examples"] == 20 and stats["train_examples"] > 0
+    train = prepared_rows(workdir / "data/prepared", "train")
+    meta = read_meta(workdir / "data/prepared")
+    im_end = meta["chat"]["added_tokens"]["<|im_end|>"]
+    assert meta["format"] == "conversations"
+    assert all([t for t in r["labels"] if t != IGNORE_INDEX][-1] == im_end for r in train[:10])

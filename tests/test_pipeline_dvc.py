@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import browser
 import pytest
 import yaml
-from conftest import copy_dvc_config
+from conftest import ROOT, copy_dvc_config
 from test_daily_loop import undeclared
 
 from finetune.metrics import DIAGNOSTICS_DROP, base_name
@@ -332,3 +333,46 @@ def queued_runs_match_sequential_runs(repo: Path) -> None:
         dvc(repo, "exp", "run", "-S", f"evaluate.max_new_tokens={tokens}")
         sequential = json.loads((repo / "metrics/compare.json").read_text())["delta"]
         assert len(parallel[tokens]) >= 2 and all(p == sequential for p in parallel[tokens]), tokens
+
+
+def test_bundled_conversations_end_to_end(tmp_path):
+    """The bundled model on the bundled conversations through `dvc repro`, offline: ChatML's tokens added and trained,
+    the final turns answered far above the base, the merged export generating exactly as the adapter."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for folder in ("stages", "finetune", "tools", "models/base"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", "data/raw/conversations.jsonl"):
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, repo / name)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["path"] = "data/raw/conversations.jsonl"
+    params["prepare"].update(chat_template="chatml", max_length=160)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    dvc(repo, "init", "-q")
+    copy_dvc_config(repo)
+    dvc(repo, "repro")
+    base = json.loads((repo / "metrics/eval_base.json").read_text())["base"]
+    tuned = json.loads((repo / "metrics/eval_finetuned.json").read_text())["finetuned"]
+    assert base["exact_match"] <= 5 and tuned["exact_match"] >= 50, (base["exact_match"], tuned["exact_match"])
+    print(f"conversations: exact match {base['exact_match']} base, {tuned['exact_match']} fine-tuned")
+    meta = json.loads((repo / "data/prepared/prepared.json").read_text())
+    assert meta["format"] == "conversations" and sorted(meta["chat"]["added_tokens"]) == ["<|im_end|>",
+                                                                                        "<|im_start|>"]
+    first = json.loads((repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()[0])
+    assert first["messages"][-1]["content"] == first["reference"] and first["prompt"].endswith("assistant\n")
+    merge = json.loads((repo / "metrics/merge.json").read_text())["merge_check"]
+    assert merge["greedy_agreement"] == 1.0
+    from transformers import AutoTokenizer
+
+    saved = AutoTokenizer.from_pretrained(repo / "models/merged")
+    assert saved.eos_token == "<|im_end|>" and "<|im_start|>assistant" in saved.apply_chat_template(
+        first["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    # predict continues a conversation from a file exactly as evaluate answered its final turn
+    chats = repo / "chats.jsonl"
+    records = [json.loads(line) for line in (repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()]
+    chats.write_text("".join(json.dumps({"messages": r["messages"][:-1]}) + "\n" for r in records[:8]))
+    answers = sh(repo, sys.executable, "-m", "tools.predict", "--file", "chats.jsonl", "--jsonl")
+    lines = [json.loads(line) for line in answers.splitlines() if line.startswith("{")]
+    assert [a["prediction"] for a in lines] == [r["prediction"] for r in records[:8]]

@@ -181,6 +181,17 @@ def test_read_prompts_takes_lines_or_jsonl():
         read_prompts('{"prompt": "x"}\n\n{"text": "y"}\n', "f")
     with pytest.raises(StageError, match="f:2: no"):
         read_prompts('{"prompt": "x"}\nplain\n', "f")
+    chat = '{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]}\n{"prompt": "p"}'
+    assert read_prompts(chat, "f") == [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "p"]
+    with pytest.raises(StageError, match="f:1: the last turn of 'messages' is the assistant's"):
+        read_prompts('{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}', "f")
+
+
+def test_a_conversation_is_refused_by_a_model_trained_on_single_prompts(done, capsys, tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "Spell out the number 5."}]}\n')
+    with pytest.raises(StageError, match="was trained on single prompts, not conversations: give prompts"):
+        predict.main(["--file", str(chats)])
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,6 +5,7 @@
     python -m tools.predict --file prompts.txt                         # one prompt a line, or JSONL with "prompt"
     python -m tools.predict - < prompts.txt                            # the same from stdin
     python -m tools.predict --model merged --jsonl --file prompts.jsonl > answers.jsonl
+    python -m tools.predict --file chats.jsonl    # {"messages": [...]} a line: a model trained on conversations
     python -m tools.predict --model-dir path/to/model --do-sample --temperature 0.7 --max-new-tokens 64 "..."
 
 Give each prompt as in the training data, without the template. Predict wraps it in the template the model was
@@ -30,6 +31,7 @@ from pathlib import Path
 from finetune.config.evaluate import EvaluateParams
 from finetune.config.model import ModelParams
 from finetune.config.params import PARAMS_FILE, Params, load_params
+from finetune.data.chat import turns
 from finetune.entrypoint import run_main
 from finetune.errors import StageError
 from finetune.evaluation import load_model
@@ -40,20 +42,27 @@ from finetune.tasks.causal_lm import CHAT_TEMPLATE_MARKER, CONVERSATION_MARKER
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # what merge saves; options override them
 
 
-def read_prompts(text: str, source: str) -> list[str]:
+def read_prompts(text: str, source: str) -> list[str | list[dict]]:
     """One prompt a line (blank lines skipped), or JSONL when the first line is a JSON object: one object a line,
-    each with a "prompt" string (which may span lines)."""
+    each with a "prompt" string (which may span lines) or a conversation to answer ("messages", ending with the
+    turn to answer)."""
     lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise StageError(f"{source}: no prompts (empty, or blank lines only)")
     if json_object(lines[0][1]) is None:
         return [line for _, line in lines]
-    prompts = []
+    prompts: list[str | list[dict]] = []
     for n, line in lines:
         record = json_object(line)
+        if record is not None and "messages" in record:
+            messages, problem = turns(record["messages"], "messages", answered=False)
+            if problem:
+                raise StageError(f"{source}:{n}: {problem[1]}")
+            prompts.append(messages)
+            continue
         if record is None or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise StageError(f'{source}:{n}: no "prompt" string; JSONL input (its first line is a JSON object) '
-                             'needs one object a line, each with a non-empty "prompt"')
+                             'needs one object a line, each with a non-empty "prompt" (or "messages")')
         prompts.append(record["prompt"])
     return prompts
 
@@ -150,7 +159,7 @@ def prompt_template(tokenizer, params: Params, folder: Path):
                                 f"its own ({why}); retrain (dvc repro train) to save it with the model")
 
 
-def run(params: Params, prompts: list[str], which: str = "finetuned", model_dir: str | None = None,
+def run(params: Params, prompts: list[str | list[dict]], which: str = "finetuned", model_dir: str | None = None,
         options: dict | None = None) -> list[str]:
     """The model's answers to `prompts`, in order: templated as in training, generated as in evaluate."""
     from transformers import set_seed
@@ -162,13 +171,17 @@ def run(params: Params, prompts: list[str], which: str = "finetuned", model_dir:
     render, template_note = prompt_template(tokenizer, params, folder)
     print(f"predict: {len(prompts)} prompts, {which} model {folder} ({next(model.parameters()).device})\n"
           f"{template_note}\n{generation_note}", file=sys.stderr)
-    texts = [render(prompt) for prompt in prompts]
+    chat = CONVERSATION_MARKER in (tokenizer.chat_template or "")  # the template writes any BOS itself
+    if not chat and any(isinstance(prompt, list) for prompt in prompts):
+        raise StageError(f"{folder} was trained on single prompts, not conversations: give prompts")
+    texts = [render(prompt) if isinstance(prompt, str) else
+             tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) for prompt in prompts]
     head = render("\x00").split("\x00")[0]  # the template's text before the prompt
-    if head.strip() and (templated := sum(prompt.startswith(head) for prompt in prompts)):
+    singles = [prompt for prompt in prompts if isinstance(prompt, str)]
+    if head.strip() and (templated := sum(prompt.startswith(head) for prompt in singles)):
         print(f"warning: {templated} prompts already start with the template's text {head!r}; give each prompt "
               "alone, as in the training data: predict adds the template", file=sys.stderr)
     set_seed(settings.seed)
-    chat = CONVERSATION_MARKER in (tokenizer.chat_template or "")  # the template writes any BOS itself
     return generate(model, tokenizer, texts, settings, add_special_tokens=not chat)
 
 
@@ -199,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     options = {key: getattr(args, key) for key in (*GENERATION_KEYS, "batch_size", "seed")}
     answers = run(params, prompts, args.model, args.model_dir, options)
     for prompt, answer in zip(prompts, answers, strict=True):
-        print(json.dumps({"prompt": prompt, "prediction": answer}, ensure_ascii=False) if args.jsonl else answer)
+        given = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
+        print(json.dumps({**given, "prediction": answer}, ensure_ascii=False) if args.jsonl else answer)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,33 @@ class PrepareParams:
             out.append(f"prepare.train_roles: {self.train_roles}: " + (
                 f"{', '.join(map(repr, unknown_roles))} is not a role" if unknown_roles else "names no role")
                 + f"; the roles are {', '.join(ROLES)}")
+        out += chat_template_problems(self.chat_template)
         if self.num_proc != "auto" and self.num_proc < 1:
             out.append(f"prepare.num_proc: {self.num_proc} must be at least 1 (or auto)")
         if self.max_length < 2:
             out.append(f"prepare.max_length: {self.max_length} must be at least 2")
         return out
 
+
+
+def chat_template_problems(template: str | None) -> list[str]:
+    """A name that is not one of the named templates, or Jinja text that does not parse."""
+    import difflib
+
+    from finetune.data.chat_templates import TEMPLATES
+
+    if template is None or template in TEMPLATES:
+        return []
+    if "{{" not in template and "{%" not in template:
+        close = difflib.get_close_matches(template, TEMPLATES, n=1)
+        return [f"prepare.chat_template: {template!r} is neither a template name ({', '.join(TEMPLATES)}"
+                + (f"; did you mean {close[0]!r}?" if close else "") + ") nor a Jinja template's text"]
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as err:
+        if "generation" not in str(err):  # transformers' {% generation %} tag is an extension plain Jinja lacks
+            return [f"prepare.chat_template: the Jinja template does not parse: {err.message} (line {err.lineno} "
+                    "of the template)"]
+    return []

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from finetune.batching import IGNORE_INDEX
 from finetune.config.data import ROLES
 from finetune.data.chat_templates import TEMPLATE_TOKENS, TEMPLATES
+from finetune.data.records import SURROGATE, Problem
 from finetune.errors import StageError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -28,38 +29,51 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 FORMATS = {"messages": ("role", "content"), "conversations": ("from", "value")}
 
 
-def turns(value, field: str) -> tuple[list[dict] | None, str | None]:
-    """A conversation field as [{"role", "content"}] in ROLES, or (None, the problem)."""
+def turns(value, field: str, answered: bool = True) -> tuple[list[dict] | None, Problem | None]:
+    """A conversation field as [{"role", "content"}] in ROLES, or (None, (kind, problem)) for a bad record.
+    `answered`: it must end with the assistant's answer (training data), else it must not (a conversation to
+    answer)."""
     if isinstance(value, str):  # a JSON-encoded list, as CSV cells and some exports hold it
         try:
             value = json.loads(value)
         except ValueError:
-            return None, f"field {field!r} is a string, expected a list of turns"
+            return None, ("invalid_conversation", f"field {field!r} is a string, expected a list of turns")
     if not isinstance(value, list):
-        return None, f"field {field!r} is {type(value).__name__}, expected a list of turns"
+        return None, ("invalid_conversation", f"field {field!r} is {type(value).__name__}, expected a list of turns")
     if not value:
-        return None, f"field {field!r} holds no turns"
-    role_key, content_key = FORMATS.get(field, ("role", "content"))
+        return None, ("invalid_conversation", f"field {field!r} holds no turns")
+    keys = FORMATS.get(field, ("role", "content"))
     out = []
     for n, turn in enumerate(value, 1):
         if not isinstance(turn, dict):
-            return None, f"turn {n} of {field!r} is {type(turn).__name__}, expected an object"
-        if role_key not in turn and "role" in turn:  # ShareGPT files that use role/content
+            return None, ("invalid_conversation", f"turn {n} of {field!r} is {type(turn).__name__}, expected an "
+                          "object")
+        role_key, content_key = keys
+        if turn.get(role_key) is None and turn.get("role") is not None:  # ShareGPT turns that use role/content
             role_key, content_key = "role", "content"
         role, content = turn.get(role_key), turn.get(content_key)
         role = SHAREGPT_ROLES.get(role, role) if role_key == "from" else role
         if role not in ROLES:
-            return None, (f"turn {n} of {field!r} has {role_key} {turn.get(role_key)!r}; expected one of "
-                          + ", ".join(SHAREGPT_ROLES if role_key == "from" else ROLES))
+            return None, ("invalid_conversation", f"turn {n} of {field!r} has {role_key} {turn.get(role_key)!r}; "
+                          "expected one of " + ", ".join(SHAREGPT_ROLES if role_key == "from" else ROLES))
         if content is None:
             content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
-            return None, f"turn {n} of {field!r}: {content_key} is {type(content).__name__}, expected a string"
+            return None, ("invalid_conversation", f"turn {n} of {field!r}: {content_key} is "
+                          f"{type(content).__name__}, expected a string")
+        if SURROGATE.search(content):
+            return None, ("invalid_utf8", f"turn {n} of {field!r}: {content_key} holds invalid UTF-8 (or an "
+                          "unpaired surrogate escape)")
         out.append({"role": role, "content": content})
+    if not answered:
+        if out[-1]["role"] == "assistant":
+            return None, ("invalid_conversation", f"the last turn of {field!r} is the assistant's; end with the "
+                          "turn to answer")
+        return out, None
     if out[-1]["role"] != "assistant" or not out[-1]["content"].strip():
         last = "an empty assistant turn" if out[-1]["role"] == "assistant" else f"a {out[-1]['role']} turn"
-        return None, (f"the last turn of {field!r} is {last}; a conversation ends with the assistant's answer "
-                      "(it is what evaluate scores)")
+        return None, ("invalid_conversation", f"the last turn of {field!r} is {last}; a conversation ends with "
+                      "the assistant's answer (it is what evaluate scores)")
     return out, None
 
 
@@ -132,11 +146,40 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def content_spans(text: str, messages: list[dict]) -> list[tuple[int, int] | None]:
-    """Where each message's content lies in the rendered `text`, in order (verbatim, else trimmed as some templates
-    write it); None for a message the template left out (a system prompt some templates drop)."""
+def content_spans(tokenizer, text: str, messages: list[dict]) -> list[tuple[int, int] | None]:
+    """Where each message's content lies in the rendered `text` (verbatim, or trimmed as some templates write it);
+    None for a message the template leaves out (a system prompt some templates drop).
+
+    The conversation is rendered again with a unique placeholder for each content, so the text between contents
+    (headers, separators) is known; walking both renderings together places each content in its own slot, never in
+    a header that happens to hold the same letters. Where the two renderings part (a template that changes a
+    content, or decides on it), the rest is found by searching the text in order."""
+    marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    try:
+        skeleton = render(tokenizer, [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)])
+    except Exception:  # a template that refuses the placeholders: search instead
+        return search_spans(text, messages, 0)
     spans: list[tuple[int, int] | None] = []
-    cursor = 0
+    pos = slot = 0  # in text, in skeleton
+    for i, message in enumerate(messages):
+        at = skeleton.find(marks[i], slot)
+        if at < 0:
+            spans.append(None)  # not rendered
+            continue
+        between = skeleton[slot:at]
+        content = message["content"]
+        found = next((c for c in (content, content.strip()) if text.startswith(between + c, pos)), None)
+        if found is None:
+            return spans + search_spans(text, messages[i:], pos)
+        start = pos + len(between)
+        spans.append((start, start + len(found)))
+        pos, slot = start + len(found), at + len(marks[i])
+    return spans
+
+
+def search_spans(text: str, messages: list[dict], cursor: int) -> list[tuple[int, int] | None]:
+    """Each message's content found by searching `text` in order from `cursor`."""
+    spans: list[tuple[int, int] | None] = []
     for message in messages:
         content = message["content"]
         found = None
@@ -146,18 +189,17 @@ def content_spans(text: str, messages: list[dict]) -> list[tuple[int, int] | Non
                 if at >= 0:
                     found = (at, at + len(needle))
                     break
-        if found is None and not content.strip():
-            found = (cursor, cursor)  # an empty content: nothing to place
         spans.append(found)
         if found:
             cursor = found[1]
     return spans
 
 
-def trained_spans(text: str, messages: list[dict], special: list[str], roles: list[str], turns_: str) -> \
-        list[tuple[int, int]]:
-    """Character spans to train on: each trained turn's content through its end-of-turn special token."""
-    spans = content_spans(text, messages)
+def trained_spans(tokenizer, text: str, messages: list[dict], special: list[str], roles: list[str],
+                  turns_: str) -> list[tuple[int, int]]:
+    """Character spans to train on: each trained turn's content through its end-of-turn special token (the first
+    special token after the content, before the next message's content)."""
+    spans = content_spans(tokenizer, text, messages)
     chosen = [i for i, m in enumerate(messages) if m["role"] in roles and m["content"].strip()]
     if turns_ == "last":
         chosen = chosen[-1:]
@@ -167,7 +209,7 @@ def trained_spans(text: str, messages: list[dict], special: list[str], roles: li
             raise ValueError(f"the chat template does not render turn {i + 1} ({messages[i]['role']}) verbatim, so "
                              "its tokens cannot be found")
         start, end = spans[i]
-        stop = next((s[0] for s in spans[i + 1:] if s is not None), len(text))
+        stop = next((s[0] for s in spans[i + 1:] if s is not None and s[1] > s[0]), len(text))
         between = [(text.find(tok, end, stop), tok) for tok in special]
         between = [(at, tok) for at, tok in between if at >= 0]
         if between:
@@ -188,18 +230,18 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, roles: li
             problems[n] = f"the chat template refused the conversation: {err}"
             texts.append("")
     special = sorted(set(tokenizer.all_special_tokens), key=len, reverse=True)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    all_ids, all_offsets = encode_with_offsets(tokenizer, texts)
     out: list[tuple[list[int], list[int]] | str] = []
     for n, messages in enumerate(conversations):
         if n in problems:
             out.append(problems[n])
             continue
         try:
-            spans = trained_spans(texts[n], messages, special, roles, turns_)
+            spans = trained_spans(tokenizer, texts[n], messages, special, roles, turns_)
         except ValueError as err:
             out.append(str(err))
             continue
-        ids, offsets = enc["input_ids"][n], enc["offset_mapping"][n]
+        ids, offsets = all_ids[n], all_offsets[n]
         labels = [IGNORE_INDEX] * len(ids)
         k = 0
         for start, end in spans:
@@ -211,3 +253,14 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, roles: li
                 k += 1
         out.append((ids, labels))
     return out
+
+
+def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of `texts` (no special tokens added: the template writes them), straight
+    from the Rust tokenizer when there is one, as finetune.tasks.causal_lm.encode."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.padding or backend.truncation:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+    encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [e.ids for e in encodings], [e.offsets for e in encodings]

@@ -8,6 +8,7 @@ Arrow file per split, which train and evaluate memory-map. `prepared.json` besid
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ SPLIT_COLUMNS = {"train": ("input_ids", "labels", "source"), "validation": ("inp
                  "test": ("input_ids", "labels", "prompt", "response", "source", "messages")}
 WRITE_BATCH = 10_000  # rows per Arrow record batch of a split file
 AUTO_PROC_EXAMPLES = 20_000  # prepare.num_proc auto: one process per this many examples, up to the cores
+SCRATCH_INFIX = ".tmp-scratch-"  # `.prepared.tmp-scratch-<random>`: ignored by git like the staging folders
 
 
 def percentiles(lengths, prefix: str) -> dict[str, float]:
@@ -42,6 +44,15 @@ def percentiles(lengths, prefix: str) -> dict[str, float]:
     return {f"{prefix}_p50": float(qs[0]), f"{prefix}_p90": float(qs[1]), f"{prefix}_p95": float(qs[2]),
             f"{prefix}_p99": float(qs[3]), f"{prefix}_max": int(np.max(lengths)),
             f"{prefix}_mean": round(float(np.mean(lengths)), 2)}
+
+
+def scratch_dir(out_dir: Path) -> Path:
+    """A new folder beside `out_dir` (on its filesystem, not a RAM-backed /tmp) for the intermediate Arrow files;
+    one a killed run left is removed first."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.parent.glob(f".{glob.escape(out_dir.name)}{SCRATCH_INFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{SCRATCH_INFIX}", dir=out_dir.parent))
 
 
 def processes(setting: int | str, examples: int) -> int:
@@ -59,16 +70,16 @@ def prepare(params: Params, out_dir: Path) -> dict:
     refuse_foreign(out_dir, "prepared", "the prepare stage's output")
     tokenizer = load_tokenizer(params.model)
     bad = BadRecords(data.on_bad_record)
-    scratch = Path(tempfile.mkdtemp(prefix="dvc-finetune-prepare-"))  # the Arrow files of the raw and tokenized data
+    scratch = scratch_dir(out_dir)  # the Arrow files of the raw and tokenized data, removed at the end
     try:
-        raw = read_raw(Path(data.path), bad, scratch / "raw")
-        conversation_field, _ = data_format(raw, data)
+        sources = {"data": read_raw(Path(data.path), bad, scratch / "raw")}
+        sources |= {name: read_raw(Path(getattr(data, f"{name}_path")), bad, scratch / name)
+                    for name in ("validation", "test") if getattr(data, f"{name}_path")}
+        conversational = [name for name, source in sources.items() if data_format(source, data)[0]]
         chat = setup_chat(tokenizer, prep.chat_template, params.model.model_name) \
-            if conversation_field or prep.chat_template else None
+            if conversational or prep.chat_template else None
         if chat and chat.added_tokens:
             print(f"chat template: added {', '.join(chat.added_tokens)} to the tokenizer (trained with the model)")
-        sources = {"data": raw} | {name: read_raw(Path(getattr(data, f"{name}_path")), bad, scratch / name)
-                                   for name in ("validation", "test") if getattr(data, f"{name}_path")}
         tables, counts = {}, {"truncated": 0, "dropped_overlong": 0}
         for name, source in sources.items():
             table = tokenized(source, data, prep, tokenizer, chat is not None, processes(prep.num_proc, len(
@@ -89,7 +100,7 @@ def prepare(params: Params, out_dir: Path) -> dict:
                 print(f"warning: {warning}", file=sys.stderr)
         chosen = {name: (table, kept[np.asarray(positions[name], dtype=np.int64)]) for name in SPLITS}
         chosen |= {name: tables[name] for name in ("validation", "test") if name in tables}
-        stats = write_splits(chosen, out_dir, prep, {"format": "conversations" if conversation_field else "pairs",
+        stats = write_splits(chosen, out_dir, prep, {"format": "conversations" if conversational else "pairs",
                                                      "chat": chat.meta() if chat else None})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -61,7 +61,7 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
 
 STRICT_JSON = json.JSONDecoder(object_pairs_hook=_object)
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (kept as surrogate escapes), or a lone \ud800
+SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (kept as surrogate escapes), or a lone \ud800
 
 _SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -249,12 +249,12 @@ def pair_of(record: dict, fields: tuple[str, str | None, str]) -> tuple[tuple[st
             return None, ("wrong_type", f"field {key!r} is {type(value).__name__}, expected a string")
         if not value.strip():
             return None, ("empty_field", f"field {key!r} is empty")
-        if _SURROGATE.search(value):
+        if SURROGATE.search(value):
             return None, ("invalid_utf8", f"field {key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
     context = record.get(input_key) if input_key else None
     if context is not None and not isinstance(context, str):
         return None, ("wrong_type", f"field {input_key!r} is {type(context).__name__}, expected a string")
-    if context and _SURROGATE.search(context):
+    if context and SURROGATE.search(context):
         return None, ("invalid_utf8", f"field {input_key!r} holds invalid UTF-8 (or an unpaired surrogate escape)")
     prompt = f"{record[prompt_key]}\n\n{context}" if context and context.strip() else record[prompt_key]
     return (prompt, record[response_key]), None

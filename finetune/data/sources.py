@@ -35,9 +35,12 @@ class RawData:
     lines: bool = False
 
     def fields(self) -> list[str]:
-        if not self.encoded:
-            return list(self.dataset.column_names)
-        return list(json.loads(self.dataset[0]["record"])) if len(self.dataset) else []
+        """The first record's fields (with a value: Arrow gives a record the null fields other records have), by
+        which the format is recognized, whichever reader read it."""
+        if not len(self.dataset):
+            return []
+        first = json.loads(self.dataset[0]["record"]) if self.encoded else self.dataset[0]
+        return [key for key, value in first.items() if value is not None or self.encoded]
 
     def rows(self, batch: dict, indices: list[int]) -> Iterator[tuple[str, dict]]:
         if self.encoded:
@@ -71,9 +74,10 @@ def read_raw(path: Path, bad: BadRecords, cache_dir: Path) -> RawData:
     cache_dir.mkdir(parents=True, exist_ok=True)
     if path.is_dir() or path.suffix in (".parquet", ".arrow"):
         return RawData(path, typed_dataset(path, cache_dir), encoded=False)
-    if path.suffix == ".jsonl" and not blank_lines(path):
+    lines = line_count(path) if path.suffix == ".jsonl" else None
+    if lines is not None:
         fast = arrow_json(path, cache_dir)
-        if fast is not None:
+        if fast is not None and len(fast) == lines:  # else an object shares a line: row numbers are not lines
             return RawData(path, fast, encoded=False, lines=True)
     if path.suffix == ".jsonl" or (path.suffix == ".json" and not json_array(path)):
         records = iter_json_lines(path, bad)
@@ -86,10 +90,13 @@ def read_raw(path: Path, bad: BadRecords, cache_dir: Path) -> RawData:
     return RawData(path, open_arrow(file), encoded=True)
 
 
-def blank_lines(path: Path) -> bool:
-    """Whether a blank line would make Arrow's row numbers differ from line numbers."""
+def line_count(path: Path) -> int | None:
+    """The file's lines, or None when a blank line would make Arrow's row numbers differ from line numbers."""
     with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _BLANK_LINE.search(data) is not None or re.match(rb"[ \t\r]*\n", data) is not None
+        if _BLANK_LINE.search(data) is not None or re.match(rb"[ \t\r]*\n", data) is not None:
+            return None
+        newlines = sum(data[at:at + (1 << 24)].count(b"\n") for at in range(0, len(data), 1 << 24))
+        return newlines + (data[-1:] != b"\n")
 
 
 def json_array(path: Path) -> bool:

@@ -83,8 +83,7 @@ class Tokenize:
             return [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}], None
         if record.get(field) is None:
             return None, ("missing_field", f"field {field!r} is missing")
-        messages, problem = turns(record[field], field)
-        return messages, problem and ("invalid_conversation", problem)
+        return turns(record[field], field)
 
     def conversations(self, out: dict, good: list) -> None:
         prepare, limit = self.prepare, self.prepare.max_length
