@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per side of a throughput ratio")
     parser.add_argument("--prompts", type=int, default=128, help="test prompts for the generation benchmark")
     parser.add_argument("--prepare-examples", type=int, default=100_000, help="examples for the prepare benchmark")
+    parser.add_argument("--prepare-rounds", type=int, default=2, help="runs per side of the prepare benchmark")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -470,7 +471,7 @@ def main(argv: list[str] | None = None) -> None:
 
             print("prepare...", file=sys.stderr)
             started = time.perf_counter()
-            results["prepare"] = bench_prepare(args.prepare_examples, rounds=2)
+            results["prepare"] = bench_prepare(args.prepare_examples, rounds=args.prepare_rounds)
             results["prepare"]["bench_seconds"] = round(time.perf_counter() - started, 1)
         if "flops" in only and "train" in results:
             results["flops"] = bench_flops(params, results["train"])

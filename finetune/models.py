@@ -175,6 +175,21 @@ def lora_config(lora: LoraParams, task_type: str, new_tokens: dict[str, list[int
                       trainable_token_indices=new_tokens if new_tokens and not trains_embeddings else None)
 
 
+def fit_chat_tokens(model, tokenizer, chat: dict | None) -> dict[str, list[int]] | None:
+    """For conversations (prepared.json's "chat"): the embeddings grown to the tokens the template added, their rows
+    at the mean, and the template's end-of-turn token as the model's EOS (the Trainer would align it, noisily).
+    Returns what peft trains of the new rows (layer name -> token ids), or None."""
+    if not chat:
+        return None
+    model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+    new_ids = sorted(chat["added_tokens"].values())
+    fit_embeddings(model, len(tokenizer), new_ids)
+    if not new_ids:
+        return None
+    print(f"embeddings: rows {new_ids} for the chat template's tokens, trained with the model")
+    return dict.fromkeys(embedding_layers(model), new_ids)
+
+
 def embedding_layers(model) -> list[str]:
     """The names (last part) of the input embedding and, when it is not tied to it, the output layer."""
     names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}

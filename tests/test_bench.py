@@ -48,7 +48,7 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
 
 def test_bench_prepare_compares_with_tokenizing_alone(tmp_path):
     out = tmp_path / "bench.json"
-    run.main(["--only", "prepare", "--prepare-examples", "3000", "--out", str(out)])
+    run.main(["--only", "prepare", "--prepare-examples", "3000", "--prepare-rounds", "1", "--out", str(out)])
     r = json.loads(out.read_text())["prepare"]
     assert r["examples"] == 3000 and r["prepare_s"] > 0 and r["tokenize_only_s"] > 0
     assert r["prepare_vs_tokenize_only"] == round(r["prepare_s"] / r["tokenize_only_s"], 3)

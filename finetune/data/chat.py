@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from finetune.batching import IGNORE_INDEX
 from finetune.config.data import ROLES
 from finetune.data.chat_templates import TEMPLATE_TOKENS, TEMPLATES
-from finetune.data.records import SURROGATE, Problem
+from finetune.data.text import SURROGATE, Problem
 from finetune.errors import StageError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config.data import DataParams
+from finetune.data.text import SURROGATE, Problem
 from finetune.errors import StageError
 
 
@@ -61,7 +62,6 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
 
 STRICT_JSON = json.JSONDecoder(object_pairs_hook=_object)
 
-SURROGATE = re.compile("[\ud800-\udfff]")  # undecodable bytes (kept as surrogate escapes), or a lone \ud800
 
 _SPACE = re.compile(r"[ \t\n\r]*")
 
@@ -233,9 +233,6 @@ def field_names(data: DataParams, keys: set[str] | list[str], path: Path) -> tup
     raise StageError(f"{path}: cannot tell prompt from response in fields {sorted(keys)}; expected prompt/response "
                      "or instruction/input/output, messages (role/content) or conversations (from/value), or set "
                      "data.prompt_field and data.response_field, or data.messages_field")
-
-
-Problem = tuple[str, str]  # (kind, message) of a bad record
 
 
 def pair_of(record: dict, fields: tuple[str, str | None, str]) -> tuple[tuple[str, str] | None, Problem | None]:

@@ -29,14 +29,7 @@ from finetune.data.chat import apply_chat
 from finetune.data.prepared import open_split, read_meta, split_file
 from finetune.errors import StageError
 from finetune.io import write_json
-from finetune.models import (
-    embedding_layers,
-    fit_embeddings,
-    load_base_model,
-    load_tokenizer,
-    lora_config,
-    unpacked_4bit_layers,
-)
+from finetune.models import fit_chat_tokens, load_base_model, load_tokenizer, lora_config, unpacked_4bit_layers
 from finetune.outputs import refuse_foreign, replacing
 from finetune.tasks import task_for
 from finetune.tracking import Tracking
@@ -125,14 +118,7 @@ class TrainingRun:
             if method == "lora" and not base_trains else "float32"
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
                                 self.task.model_class())
-        new_ids = sorted(self.chat["added_tokens"].values()) if self.chat else []
-        fit_embeddings(model, len(tokenizer), new_ids)
-        new_tokens = dict.fromkeys(embedding_layers(model), new_ids) if new_ids else None
-        if new_ids:
-            print(f"embeddings: rows {new_ids} for the chat template's tokens, trained with the model "
-                  f"({', '.join(new_tokens)})")
-        if self.chat:  # the end-of-turn token ends generation (the Trainer would align these itself, noisily)
-            model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+        new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
         self.base_memory_mb = model.get_memory_footprint() / 2**20
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
