@@ -28,17 +28,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def generate(n: int, path: Path, seed: int = 7) -> None:
+    """The bundled dataset's generator, written a pair at a time (this process stays small: its children's
+    memory is what is measured)."""
+    import random
+
     spec = importlib.util.spec_from_file_location("make_dataset", ROOT / "scripts/make_dataset.py")
     make_dataset = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_dataset)
+    rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as f:
-        for pair in make_dataset.instruction_pairs(n, seed):
-            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        for _ in range(n):
+            f.write(json.dumps(make_dataset.instruction_pair(rng), ensure_ascii=False) + "\n")
 
 
 def peak_mb() -> float:
-    """Peak resident memory of this process and of the worker processes it waited for, whichever is larger."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident memory of this process (its VmHWM: getrusage's maxrss would also count the memory of the
+    process that started it, carried across exec) or of the worker processes it waited for, whichever is larger."""
+    status = Path("/proc/self/status")
+    own = next((int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")),
+               None) if status.exists() else None
+    if own is None:
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, children) / 1024, 1)
 
@@ -122,8 +132,8 @@ def bench_prepare(examples: int, num_proc: int = 1, rounds: int = 1) -> dict:
             ours.append(run_child("prepare", data, tmp, num_proc))
         train = run_child("train", data, tmp, num_proc)
         raw_bytes = data.stat().st_size / examples
-    base_s = statistics.median(r["seconds"] for r in baseline)
-    ours_s = statistics.median(r["seconds"] for r in ours)
+    base_s = round(statistics.median(r["seconds"] for r in baseline), 2)
+    ours_s = round(statistics.median(r["seconds"] for r in ours), 2)
     return {"examples": examples, "num_proc": num_proc, "rounds": rounds,
             "raw_jsonl_bytes_per_example": round(raw_bytes, 1),
             "tokenize_only_s": base_s, "tokenize_only_peak_mb": max(r["peak_mb"] for r in baseline),

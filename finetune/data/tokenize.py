@@ -21,6 +21,7 @@ from finetune.io import progress
 from finetune.tasks.causal_lm import tokenize_pairs
 
 KEPT = ("ok", "truncated")
+LOG_PART = 20_000  # in a log, rows per progress line at least (up to ten lines)
 COLUMNS = {"input_ids": "int32", "labels": "int32", "status": "string", "problem": "string", "source": "string",
            "prompt": "string", "response": "string", "messages": "string"}
 
@@ -126,7 +127,7 @@ class Tokenize:
 def tokenized(raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer, chat: bool, num_proc: int,
               cache_file: str, name: str):
     """`raw` tokenized, one output row per record (see the module's docstring), memory-mapped from `cache_file`.
-    On a terminal `datasets` draws its bar; in a log the rows go in ten parts, a plain line after each."""
+    On a terminal `datasets` draws its bar; in a log the rows go in up to ten parts, a plain line after each."""
     import datasets
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
@@ -139,7 +140,7 @@ def tokenized(raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer,
                    num_proc=num_proc if num_proc > 1 else None)
     if sys.stderr.isatty():
         return rows.map(**options, cache_file_name=cache_file, desc=f"tokenize {name}")
-    parts = -(-len(rows) // max(1000, -(-len(rows) // 10)))
+    parts = min(10, -(-len(rows) // LOG_PART))  # each part a map call: not more of them than the data is worth
     was_enabled = is_progress_bar_enabled()
     disable_progress_bar()
     try:
