@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from finetune.batching import IGNORE_INDEX
 from finetune.config.data import ROLES
 from finetune.data.chat_templates import TEMPLATE_TOKENS, TEMPLATES
-from finetune.data.text import SURROGATE, Problem
+from finetune.data.text import SURROGATE, Problem, encode_with_offsets
 from finetune.errors import StageError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -254,13 +254,3 @@ def tokenize_conversations(conversations: list[list[dict]], tokenizer, roles: li
         out.append((ids, labels))
     return out
 
-
-def encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids and character offsets of `texts` (no special tokens added: the template writes them), straight
-    from the Rust tokenizer when there is one, as finetune.tasks.causal_lm.encode."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.padding or backend.truncation:
-        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
-    encodings = backend.encode_batch(texts, add_special_tokens=False)
-    return [e.ids for e in encodings], [e.offsets for e in encodings]

@@ -112,23 +112,18 @@ def prepare(params: Params, out_dir: Path) -> dict:
 def kept_rows(table, bad: BadRecords, counts: dict) -> np.ndarray:
     """Report the bad records in file order (or stop at the first), count the truncated and dropped ones; the
     indices of the rows to keep."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     status = table.with_format("arrow")["status"]
     for value, count in zip(*pc.value_counts(status).flatten(), strict=True):
         if value.as_py() in counts:
             counts[value.as_py()] += count.as_py()
-    reported = np.flatnonzero(~pc.is_in(status, pa_array(KEPT + ("dropped_overlong",))).to_numpy(zero_copy_only=False))
+    reported = np.flatnonzero(~pc.is_in(status, pa.array(KEPT + ("dropped_overlong",))).to_numpy(zero_copy_only=False))
     if len(reported):
         for row in table.select(reported).select_columns(["source", "status", "problem"]):
             bad(row["source"], row["status"], row["problem"])
-    return np.flatnonzero(pc.is_in(status, pa_array(KEPT)).to_numpy(zero_copy_only=False))
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values)
+    return np.flatnonzero(pc.is_in(status, pa.array(KEPT)).to_numpy(zero_copy_only=False))
 
 
 def write_splits(chosen: dict, out_dir: Path, prep, meta: dict) -> dict:

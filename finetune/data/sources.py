@@ -1,8 +1,9 @@
 """Raw data as a `datasets` Dataset on disk (Arrow, memory-mapped), so a million examples never sit in Python lists.
 
 A JSONL file goes through Arrow's own JSON reader when it is clean; where that reader stops (invalid JSON or UTF-8,
-a key given twice, a field whose type changes, blank lines that would shift line numbers) the file is read again
-line by line by finetune.data.records, whose error names the line. Either way each record keeps its source,
+a key given twice, a field whose type changes, an integer longer than Python reads) or its rows would not be the
+file's lines (blank lines, two objects on one line), the file is read again line by line by finetune.data.records,
+whose error names the line. Either way each record keeps its source,
 "file:line" (or "file:record N" for typed formats), for bad-record reports and the predictions. Parquet, Arrow
 and dataset folders (hub-style folders of data files, or `save_to_disk` output) load through `datasets`.
 """

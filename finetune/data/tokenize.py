@@ -48,17 +48,17 @@ def data_format(raw: RawData, data: DataParams) -> tuple[str | None, tuple | Non
 class Tokenize:
     """The batch function `Dataset.map` runs (picklable, for its worker processes)."""
 
+    offset = 0  # of the rows mapped within the file, when they are mapped a part at a time
+
     def __init__(self, raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer, chat: bool):
         self.raw, self.prepare, self.tokenizer, self.chat = raw, prepare, tokenizer, chat
         self.conversation_field, self.pair_fields = data_format(raw, data)
 
-    offset = 0  # of the rows mapped within the file, when they are mapped a part at a time
-
     def __call__(self, batch: dict, indices: list[int]) -> dict:
-        if self.offset:
-            indices = [i + self.offset for i in indices]
-        n = len(indices)
-        out: dict[str, list] = {name: [[]] * n if name in ("input_ids", "labels") else [""] * n for name in COLUMNS}
+        indices = [i + self.offset for i in indices]
+        size = len(indices)
+        out: dict[str, list] = {name: [[]] * size if name in ("input_ids", "labels") else [""] * size
+                                for name in COLUMNS}
         good: list[tuple[int, list[dict] | tuple[str, str]]] = []  # (output row, conversation or pair)
         for n, (source, record) in enumerate(self.raw.rows(batch, indices)):
             out["source"][n] = source

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from finetune import metrics as M
 from finetune.batching import IGNORE_INDEX, PackedCollator, check_packing
+from finetune.data.text import encode
 from finetune.generation import BatchSize, generate
 from finetune.io import progress
 
@@ -56,16 +57,6 @@ def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, prepare: PreparePara
     return out
 
 
-def encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    """The token ids of `texts`, as `tokenizer(texts)["input_ids"]` gives them, straight from the Rust tokenizer
-    when there is one (transformers' per-text conversion costs as much as the tokenizing itself)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.padding or backend.truncation:
-        return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-    fast = getattr(backend, "encode_batch_fast", backend.encode_batch)  # without offsets (tokenizers >= 0.21)
-    return [encoding.ids for encoding in fast(texts, add_special_tokens=add_special_tokens)]
-
-
 CHAT_TEMPLATE_MARKER = "{# dvc-finetune: params prepare.template, one user message #}"  # how predict knows it
 CONVERSATION_MARKER = "{# dvc-finetune: trained on conversations in this template #}"
 
@@ -93,8 +84,9 @@ def chat_template(template: str) -> str:
 @torch.no_grad()
 def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
     """Mean cross-entropy over response tokens (token-weighted, prompt and padding excluded), perplexity, and
-    next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens. `rows`: a list of records,
-    or a Dataset read a batch at a time."""
+    next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens. `rows`: a Dataset, read a
+    batch at a time (or a list of records)."""
+    rows = as_dataset(rows)
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     y_true: list[int] = []
@@ -103,7 +95,7 @@ def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[st
     ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths together: less padding
     size = BatchSize(batch_size)
     for idx in progress(size.batches(ordered), total=-(-len(ordered) // batch_size), desc="loss"):
-        batch = take(rows, idx)
+        batch = rows[idx]
         width = max(len(ids) for ids in batch["input_ids"])
         ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch["input_ids"]])
         labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in batch["labels"]])
@@ -127,26 +119,24 @@ def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[st
             **M.classification(y_true, y_pred, "token")}
 
 
+def as_dataset(rows):
+    """Records as a Dataset: a list of them in memory, as tests build them; a Dataset as it is."""
+    if isinstance(rows, list):
+        from datasets import Dataset
+
+        return Dataset.from_list(rows)
+    return rows
+
+
 def column(rows, name: str) -> list:
-    """One field of every record: a Dataset's column through Arrow (no row dicts), a list's by record."""
-    if hasattr(rows, "with_format"):
-        return rows.with_format("arrow")[name].to_pylist()
-    return [r[name] for r in rows]
+    """One field of every record, through Arrow (no row dicts)."""
+    return rows.with_format("arrow")[name].to_pylist()
 
 
 def token_counts(rows) -> list[int]:
-    if hasattr(rows, "with_format"):
-        import pyarrow.compute as pc
+    import pyarrow.compute as pc
 
-        return pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_pylist()
-    return [len(r["input_ids"]) for r in rows]
-
-
-def take(rows, idx: list[int]) -> dict[str, list]:
-    """The records at `idx` as columns (input_ids, labels)."""
-    if hasattr(rows, "with_format"):
-        return rows[idx]
-    return {"input_ids": [rows[i]["input_ids"] for i in idx], "labels": [rows[i]["labels"] for i in idx]}
+    return pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_pylist()
 
 
 def label_set(references: list[str], evaluate: EvaluateParams) -> list[str] | None:
