@@ -126,3 +126,64 @@ def check_packing(model, collator: PackedCollator, rows: list[dict], examples: i
     if worst > 1e-2 * scale:
         raise StageError(f"train.packing: this model's attention crosses packed examples (logits differ by "
                          f"{worst:.3g} packed vs alone); set train.packing: false")
+
+
+class TokenBudgetBatches:
+    """A batch sampler whose micro-batches compute at most `budget` tokens, padding or filler included: packed rows
+    of `row_length` (at most budget // row_length rows, checked with the collator's own first-fit-decreasing), or
+    padded rows (the longest example x the examples). At most `max_examples` examples a batch. The batches are
+    formed once, from the examples in a seeded random order, and each epoch takes them in another seeded order, so
+    every epoch has the same number of batches and memory no longer depends on which examples come together."""
+
+    def __init__(self, lengths: list[int], budget: int, max_examples: int, row_length: int, packing: bool,
+                 seed: int):
+        self.seed, self.epoch = seed, 0
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows = budget // row_length if packing else 0
+        self.batches: list[list[int]] = []
+        batch: list[int] = []
+        room: list[int] = []  # free tokens of each packed row, first fit in arrival order
+        for i in order:
+            n = lengths[i]
+            if packing:
+                fits = any(n <= free for free in room) or len(room) < rows
+            else:
+                fits = max([n] + [lengths[j] for j in batch]) * (len(batch) + 1) <= budget
+            if batch and (not fits or len(batch) >= max_examples):
+                self.close(batch, lengths, row_length, rows)
+                batch, room = [], []
+            batch.append(i)
+            if packing:
+                slot = next((r for r, free in enumerate(room) if n <= free), None)
+                if slot is None:
+                    room.append(row_length - n)
+                else:
+                    room[slot] -= n
+        if batch:
+            self.close(batch, lengths, row_length, rows)
+
+    def close(self, batch: list[int], lengths: list[int], row_length: int, rows: int) -> None:
+        """Add `batch`, moving its last examples into batches of their own until the collator's packing fits."""
+        while rows and len(batch) > 1 and len(first_fit_decreasing([lengths[i] for i in batch], row_length)) > rows:
+            self.close([batch.pop()], lengths, row_length, rows)
+        self.batches.append(batch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.batches), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for b in order.tolist():
+            yield self.batches[b]
+
+
+def token_budget_batches(lengths: list[int], train, prepare) -> TokenBudgetBatches:
+    """The micro-batches of params train.max_tokens_per_batch tokens (rows of prepare.max_length when packing)."""
+    if train.max_tokens_per_batch < prepare.max_length:
+        raise StageError(f"train.max_tokens_per_batch: {train.max_tokens_per_batch} is less than one example of "
+                         f"prepare.max_length ({prepare.max_length}); raise it or lower prepare.max_length")
+    return TokenBudgetBatches(lengths, train.max_tokens_per_batch, train.per_device_train_batch_size,
+                              prepare.max_length, train.packing, train.seed)

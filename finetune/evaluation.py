@@ -12,28 +12,40 @@ from finetune.config.params import Params
 from finetune.data.chat import apply_chat
 from finetune.data.prepared import open_split, read_meta
 from finetune.errors import StageError
-from finetune.models import fit_embeddings, load_base_model, load_finetuned, load_tokenizer, require_safetensors
+from finetune.models import (
+    fit_embeddings,
+    inference_dtype,
+    inference_placement,
+    input_device,
+    load_base_model,
+    load_finetuned,
+    load_tokenizer,
+    require_safetensors,
+)
 from finetune.tasks import task_for, task_of
 
 MODELS = ("base", "finetuned", "merged")
 
 
 def load_model(params: Params, which: str):
-    """'base': params.model as is; 'finetuned': as the train stage left it (LoRA, QLoRA on its 4-bit base, or full);
-    'merged': the standalone directory the merge stage exported, loaded by plain transformers."""
+    """'base': params.model as is (in 4 bits with params.quantization when evaluate.base_in_4bit); 'finetuned': as the
+    train stage left it (LoRA, QLoRA on its 4-bit base, or full); 'merged': the standalone directory the merge stage
+    exported, loaded by plain transformers. Each in the precision a user would run it in here (bf16 or fp16 on a
+    GPU, loaded straight onto it; fp32 on a CPU)."""
+    dtype, placement = inference_dtype(), inference_placement()
     if which == "base":
-        model = load_base_model(params.model)
+        quantization = params.quantization if params.evaluate.base_in_4bit else None
+        model = load_base_model(params.model, quantization, dtype, device_map=placement)
     elif which == "finetuned":
-        model = load_finetuned(Path(params.train.finetuned_dir))
+        model = load_finetuned(Path(params.train.finetuned_dir), dtype=dtype, device_map=placement)
     else:
         merged_dir = Path(params.export.merged_dir)
         if not (merged_dir / "config.json").exists():
             raise StageError(f"{merged_dir}: no merged model; run the merge stage first (dvc repro merge)")
         require_safetensors(merged_dir, "model.safetensors", "model.safetensors.index.json")
-        model = task_for("causal_lm").model_class().from_pretrained(merged_dir, use_safetensors=True,
-                                                                     attn_implementation="sdpa")
-    if torch.cuda.is_available() and not getattr(model, "is_loaded_in_4bit", False):
-        model = model.to("cuda")
+        model = task_for("causal_lm").model_class().from_pretrained(
+            merged_dir, use_safetensors=True, attn_implementation="sdpa", dtype=getattr(torch, dtype),
+            device_map=placement)
     return model.eval()
 
 
@@ -53,6 +65,10 @@ def evaluate(params: Params, which: str, test_file: Path) -> tuple[dict, list[di
         apply_chat(tokenizer, chat)
         fit_embeddings(model, len(tokenizer), sorted(chat["added_tokens"].values()))
     task = task_of(Path(params.train.finetuned_dir)) if which == "finetuned" else task_for("causal_lm")
-    print(f"evaluating {which} on {len(rows)} test examples ({next(model.parameters()).device})")
+    print(f"evaluating {which} on {len(rows)} test examples ({input_device(model)}, {describe_dtype(model)})")
     metrics, records = task.evaluate(model, tokenizer, rows, params.evaluate, chat=chat is not None)
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}, records
+
+
+def describe_dtype(model) -> str:
+    return "4-bit" if getattr(model, "is_loaded_in_4bit", False) else str(model.dtype).removeprefix("torch.")

@@ -2,12 +2,17 @@
 without peft), the training prompt template as its chat template and evaluate's generation settings in its
 generation_config.json; then checked against the adapter on test prompts.
 
-LoRA merges into the fp32 base. QLoRA merges into the base loaded *unquantized*: the 4-bit weights saved memory while
-training, but rounding the merged weights back to 4 bits would lose the adapter's small updates. A full fine-tune is
-already standalone and is saved as is. The check compares greedy outputs and the largest logit difference of the
-reloaded merged model against the adapter on the same unquantized base (these must agree: it is the same function,
-summed differently), and for QLoRA also against the model as trained on its 4-bit base (these differ by the
-quantization error, so the agreement is reported, not required)."""
+The merge holds one copy of the base, in the base's own dtype (a bf16 base merges and saves in bf16), loaded onto
+the GPU when there is one, and saves it in shards (`SHARD_SIZE`), so a 7B model merges in the memory it runs in.
+QLoRA merges into the base loaded *unquantized*: the 4-bit weights saved memory while training, but rounding the
+merged weights back to 4 bits would lose the adapter's small updates. A full fine-tune is already standalone and is
+saved as is.
+
+The check runs one model at a time on its own device: the adapter's greedy outputs and logits on the check prompts
+are kept, the merged model is saved, freed and reloaded as a user would load it, and its outputs are compared
+(these must agree: it is the same function, summed differently; in bf16 or fp16 the logits differ by the rounding
+of the merged weights). For QLoRA the merged model is also compared with the model as trained on its 4-bit base
+(these differ by the quantization error, so the agreement is reported, not required)."""
 
 from __future__ import annotations
 
@@ -16,11 +21,19 @@ from pathlib import Path
 import torch
 
 from finetune.config.evaluate import EvaluateParams
+from finetune.config.model import ModelParams
 from finetune.config.params import Params
 from finetune.data.prepared import open_split, read_meta
 from finetune.errors import StageError
 from finetune.generation import generate
-from finetune.models import load_finetuned, read_train_config
+from finetune.models import (
+    inference_dtype,
+    inference_placement,
+    input_device,
+    load_finetuned,
+    read_train_config,
+    saved_dtype,
+)
 from finetune.outputs import refuse_foreign, replacing
 
 # what transformers refuses to save beside do_sample=False (a base's sampling defaults, e.g. an instruct model's)
@@ -42,34 +55,7 @@ def generation_config(model, tokenizer, evaluate: EvaluateParams):
     return generation
 
 
-def export(finetuned_dir: Path, merged_dir: Path, evaluate: EvaluateParams) -> None:
-    """The merged weights, the fine-tuned tokenizer (its chat template is prepare.template, written by train) and
-    generation_config.json with evaluate's generation settings."""
-    from transformers import AutoTokenizer
-
-    model = load_finetuned(finetuned_dir, quantized=False)
-    if read_train_config(finetuned_dir)["train"]["method"] != "full":
-        model = model.merge_and_unload()
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
-    model.generation_config = generation_config(model, tokenizer, evaluate)
-    refuse_foreign(merged_dir, "model", "export.merged_dir")
-    with replacing(merged_dir, "model", "export.merged_dir") as staged:
-        model.save_pretrained(staged)  # safetensors, and generation_config.json
-        tokenizer.save_pretrained(staged)
-
-
-@torch.no_grad()
-def agreement(model_a, model_b, tokenizer, prompts: list[str], max_new_tokens: int,
-              add_special_tokens: bool = True) -> dict[str, float]:
-    """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts."""
-    settings = EvaluateParams(batch_size=len(prompts), max_new_tokens=max_new_tokens)
-    same = [a == b for a, b in zip(generate(model_a, tokenizer, prompts, settings, add_special_tokens),
-                                   generate(model_b, tokenizer, prompts, settings, add_special_tokens), strict=True)]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-    mask = enc["attention_mask"].bool()
-    diff = (model_a(**enc).logits.float() - model_b(**enc).logits.float()).abs()[mask]
-    return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": float(diff.max())}
+SHARD_SIZE = "5GB"  # per safetensors file of the export; a model bigger than this is saved in shards
 
 
 def merge(params: Params, test_file: Path) -> dict:
@@ -77,24 +63,77 @@ def merge(params: Params, test_file: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     finetuned_dir, merged_dir = Path(params.train.finetuned_dir), Path(params.export.merged_dir)
-    method = read_train_config(finetuned_dir)["train"]["method"]
+    config = read_train_config(finetuned_dir)
+    method = config["train"]["method"]
     test_file = Path(test_file)
     if not test_file.exists():
         raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
-    export(finetuned_dir, merged_dir, params.evaluate)
+    refuse_foreign(merged_dir, "model", "export.merged_dir")
+    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    test = open_split(test_file)
+    check = Check(tokenizer, list(test.select(range(min(params.export.check_examples, len(test))))["prompt"]),
+                  params.export.check_max_new_tokens, read_meta(test_file.parent)["chat"] is None)
+    placement = inference_placement()
+    dtype = saved_dtype(finetuned_dir if method == "full" else ModelParams(**config["model"]))
+    as_trained = None
+    if method == "qlora":
+        as_trained = check.outputs(load_finetuned(finetuned_dir, dtype=inference_dtype(), device_map=placement))
+        release()
+    model = load_finetuned(finetuned_dir, quantized=False, dtype=dtype, device_map=placement).eval()
+    print(f"merging {method} into the base in {dtype} on {input_device(model)}")
+    adapter = check.outputs(model)
+    if method != "full":
+        model = model.merge_and_unload()
+    model.generation_config = generation_config(model, tokenizer, params.evaluate)
+    with replacing(merged_dir, "model", "export.merged_dir") as staged:
+        model.save_pretrained(staged, max_shard_size=SHARD_SIZE)  # safetensors, and generation_config.json
+        tokenizer.save_pretrained(staged)
+    del model
+    release()
     print(f"merged {method} model saved to {merged_dir}")
 
-    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
-    test = open_split(test_file)
-    prompts = list(test.select(range(min(params.export.check_examples, len(test))))["prompt"])
-    add_special_tokens = read_meta(test_file.parent)["chat"] is None  # a chat template writes BOS itself
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, use_safetensors=True).eval()
-    max_new = params.export.check_max_new_tokens
-    metrics = {"method": method, "examples": len(prompts)}
-    metrics.update(agreement(merged, load_finetuned(finetuned_dir, quantized=False).eval(), tokenizer, prompts,
-                             max_new, add_special_tokens))
-    if method == "qlora":
-        as_trained = agreement(merged, load_finetuned(finetuned_dir).eval(), tokenizer, prompts, max_new,
-                               add_special_tokens)
-        metrics.update({f"{k}_vs_4bit": v for k, v in as_trained.items()})
+    merged = check.outputs(AutoModelForCausalLM.from_pretrained(
+        merged_dir, use_safetensors=True, dtype="auto", device_map=placement))
+    release()
+    metrics = {"method": method, "dtype": dtype, "examples": len(check.prompts), **agreement(merged, adapter)}
+    if as_trained is not None:
+        metrics.update({f"{k}_vs_4bit": v for k, v in agreement(merged, as_trained).items()})
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+class Check:
+    """What the merge check compares of a model: its greedy outputs and its logits (on the CPU, in the model's
+    dtype) on the check prompts."""
+
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool, batch: int = 8):
+        self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
+        self.add_special_tokens, self.batch = add_special_tokens, batch
+
+    @torch.no_grad()
+    def outputs(self, model) -> tuple[list[str], list[torch.Tensor]]:
+        model.eval()
+        settings = EvaluateParams(batch_size=self.batch, max_new_tokens=self.max_new_tokens)
+        texts = generate(model, self.tokenizer, self.prompts, settings, self.add_special_tokens)
+        self.tokenizer.padding_side = "left"
+        logits = []
+        for start in range(0, len(self.prompts), self.batch):
+            enc = self.tokenizer(self.prompts[start:start + self.batch], return_tensors="pt", padding=True,
+                                 add_special_tokens=self.add_special_tokens).to(input_device(model))
+            logits.append(model(**enc).logits[enc["attention_mask"].bool()].cpu())
+        return texts, logits
+
+
+def agreement(a: tuple[list[str], list[torch.Tensor]], b: tuple[list[str], list[torch.Tensor]]) -> dict[str, float]:
+    """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts' tokens."""
+    same = [x == y for x, y in zip(a[0], b[0], strict=True)]
+    diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a[1], b[1], strict=True))
+    return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": diff}
+
+
+def release() -> None:
+    """Give a freed model's memory back before the next one loads."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

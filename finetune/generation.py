@@ -10,6 +10,7 @@ import torch
 
 from finetune.errors import StageError
 from finetune.io import progress
+from finetune.models import input_device
 
 if TYPE_CHECKING:
     from finetune.config.evaluate import EvaluateParams
@@ -23,7 +24,7 @@ def generate(model, tokenizer, prompts: list[str], evaluate: EvaluateParams, add
     of GPU memory is retried at half the size, and the rest of the run keeps the smaller size. Returns the
     completions in the order of `prompts`. Prompts rendered by a chat template hold their BOS token already:
     `add_special_tokens=False` for them."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
     encoded = tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finetune.config.model import LoraParams, ModelParams, QuantizationParams
 from finetune.errors import StageError
+from finetune.quantization import quantization_config, unpacked_4bit_layers
 
 
 @contextlib.contextmanager
@@ -73,29 +74,36 @@ def load_tokenizer(model: ModelParams):
     return tokenizer
 
 
-def quantization_config(quant: QuantizationParams):
-    """params.quantization -> transformers' BitsAndBytesConfig (4-bit)."""
+def inference_dtype() -> str:
+    """The dtype a user would run a model in here: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on a CPU."""
     import torch
-    from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype))
+    if not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def inference_placement() -> str | None:
+    """Where a model for inference loads: straight onto the GPU(s) when there are any (no host copy first)."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else None
 
 
 def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
-                    model_class=None):
+                    model_class=None, device_map: str | None = None):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
-    `quantization` is given (QLoRA), else in `dtype`: float32 unless the weights stay frozen under mixed precision
-    (LoRA with bf16/fp16), where half-size weights halve the memory and autocast computes in that dtype anyway.
-    `model_class` is the task's Auto class (a causal LM when not given)."""
+    `quantization` is given (QLoRA; its layers that stay unquantized in `dtype`), else in `dtype`: float32 unless
+    the weights stay frozen under mixed precision (LoRA with bf16/fp16), where half-size weights halve the memory
+    and autocast computes in that dtype anyway. `model_class` is the task's Auto class (a causal LM when not given);
+    `device_map` places an unquantized model as it loads (the quantized one goes where quantization.device_map
+    says)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model_class = model_class or AutoModelForCausalLM
     refuse_remote_code(model)
-    kwargs = {}
+    kwargs = {"device_map": device_map} if device_map else {}
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
     with fetching(model):
@@ -107,17 +115,23 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     return loaded
 
 
-def unpacked_4bit_layers(model, all_layers: bool = True) -> None:
-    """bitsandbytes >= 0.49 repacks a 4-bit layer's weights for AVX512-BF16 inference the first time it runs in eval
-    mode on such a CPU. It cannot repack a layer whose input width is not a multiple of its block size (it fails on
-    the reshape), and it keeps the repacked layout when training resumes, where the backward pass fails ("a view of
-    a leaf Variable ... in-place operation"). Keep the plain layout for those layers, or, for a model being trained
-    (`all_layers`), for every layer: validation runs in eval mode between training steps."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            state = getattr(module.weight, "quant_state", None)
-            if all_layers or state is None or module.in_features % state.blocksize:
-                module.support_avx512bf16_for_cpu = False
+def saved_dtype(model: ModelParams | Path) -> str:
+    """The dtype a model's weights are saved in (its config.json; float32 when it names none): a base model, or a
+    folder of one (a full fine-tune)."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, ModelParams):
+        with fetching(model):
+            config, _ = PretrainedConfig.get_config_dict(model.model_name, revision=model.revision)
+    else:
+        config, _ = PretrainedConfig.get_config_dict(str(model))
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def input_device(model):
+    """Where a model's inputs go: its input embeddings' device (a model placed over several devices starts there)."""
+    return model.get_input_embeddings().weight.device
 
 
 def read_train_config(finetuned_dir: Path) -> dict:
@@ -140,15 +154,18 @@ def require_safetensors(folder: Path, *names: str) -> None:
                          "Convert them with safetensors, or rerun the train stage")
 
 
-def load_finetuned(finetuned_dir: Path, quantized: bool = True):
+def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "float32", device_map: str | None = None):
     """The fine-tuned model as the train stage left it, read from its own train_config.json: a full model, or the
-    base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top."""
+    base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top; weights that are not 4-bit in
+    `dtype` (the adapter's own stay fp32, as peft keeps them), placed by `device_map`."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     config = read_train_config(finetuned_dir)
     if config["train"]["method"] == "full":
         require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
-        return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
+                                                    dtype=getattr(torch, dtype), device_map=device_map)
     from peft import PeftModel
 
     require_safetensors(finetuned_dir, "adapter_model.safetensors")
@@ -156,7 +173,7 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True):
     known = {f.name for f in dataclasses.fields(QuantizationParams)}  # train_config.json may hold retired keys
     quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
         if config["train"]["method"] == "qlora" and quantized else None
-    base = load_base_model(ModelParams(**config["model"]), quant)
+    base = load_base_model(ModelParams(**config["model"]), quant, dtype, device_map=device_map)
     fit_embeddings(base, config.get("tokenizer_size", 0))  # the tokens a chat template added
     return PeftModel.from_pretrained(base, finetuned_dir)
 
@@ -215,3 +232,20 @@ def fit_embeddings(model, size: int, new_ids: list[int] = ()) -> None:
             keep = torch.ones(layer.weight.shape[0], dtype=torch.bool)
             keep[list(new_ids)] = False
             layer.weight[list(new_ids)] = layer.weight[keep].float().mean(0).to(layer.weight.dtype)
+
+
+def check_target_modules(model, lora, model_name: str) -> None:
+    """Refuse LoRA targets that name no module of the model, listing the modules that could be targeted."""
+    import torch
+
+    names = [name for name, _ in model.named_modules()]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, torch.nn.Linear)})
+    for key in ("target_modules", "modules_to_save"):
+        wanted = getattr(lora, key)
+        if not wanted or wanted == "all-linear":
+            continue
+        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
+                             f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")

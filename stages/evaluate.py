@@ -26,7 +26,7 @@ from finetune.io import write_json, write_jsonl
 from finetune.tasks.causal_lm import confusion_rows
 
 # of params.yaml, checked here, by model
-SECTIONS = {"base": ["model", "evaluate"], "finetuned": ["train", "evaluate"],
+SECTIONS = {"base": ["model", "evaluate", "quantization"], "finetuned": ["train", "evaluate"],
             "merged": ["train", "export", "evaluate"]}
 
 

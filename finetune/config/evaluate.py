@@ -16,6 +16,7 @@ class EvaluateParams:
     labels: Literal["auto", "off"] | list[str] = "auto"  # label-set metrics: auto-detect, off, or the label list
     max_labels: int = 20  # auto: references with at most this many distinct values are treated as labels
     seed: int = 0  # for sampling; greedy decoding does not use it
+    base_in_4bit: bool = False  # evaluate_base loads the base in 4 bits (params quantization), as QLoRA trains on it
 
     def problems(self) -> list[str]:
         out = []

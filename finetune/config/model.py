@@ -24,6 +24,9 @@ class QuantizationParams:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"  # nf4 suits normally distributed weights
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # dtype of the matmuls
     device_map: str | None = "auto"  # where the quantized layers go; auto = the GPU if there is one
+    # the layers left unquantized: norms are trained in fp32; the embeddings and output head stay in the compute
+    # dtype (as peers keep them) unless this is true (peft's prepare_model_for_kbit_training upcasts them)
+    upcast_embeddings: bool = False
 
 
 @dataclass

@@ -26,12 +26,20 @@ class TrainParams:
     save_total_limit: int = 2
     fp16: bool = False  # CUDA only: fp16 autocast with gradient scaling
     bf16: bool = False  # bf16 autocast on CUDA (Ampere+) or CPU
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # recompute activations in backward: less memory, ~30% slower; auto: on for qlora (big models), off otherwise
+    gradient_checkpointing: Literal["auto"] | bool = "auto"
+    max_tokens_per_batch: int | None = None  # bound each micro-batch's tokens (padding/filler included)
+    memory_plan: Literal["enforce", "warn"] = "enforce"  # a run the plan says cannot fit the GPU: refuse | warn
     packing: bool = True  # several examples per row, no attention across them: no compute spent on padding
     group_by_length: bool = False  # without packing: batch examples of similar length to cut padding
     torch_compile: bool = False  # torch.compile the model (see the benchmark before turning it on)
     dataloader_num_workers: int = 0
     seed: int = 42
+
+    @property
+    def checkpointing(self) -> bool:
+        """Whether activations are recomputed in the backward pass (gradient_checkpointing, auto resolved)."""
+        return self.method == "qlora" if self.gradient_checkpointing == "auto" else self.gradient_checkpointing
 
     def problems(self) -> list[str]:
         out = []
@@ -49,6 +57,8 @@ class TrainParams:
         for name in ("weight_decay", "warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 out.append(f"train.{name}: {getattr(self, name)} must not be negative")
+        if self.max_tokens_per_batch is not None and self.max_tokens_per_batch < 1:
+            out.append(f"train.max_tokens_per_batch: {self.max_tokens_per_batch} must be at least 1 (or null)")
         if self.fp16 and self.bf16:
             out.append("train.fp16 and train.bf16: both are true; choose one")
         if self.packing and self.group_by_length:
@@ -60,25 +70,27 @@ class TrainParams:
 WARMUP_SHARE = 0.25  # warmup longer than this share of the run leaves little of it at the full learning rate
 
 
-def optimizer_steps(train: TrainParams, train_examples: int) -> tuple[int, int]:
+def optimizer_steps(train: TrainParams, train_examples: int, batches: int | None = None) -> tuple[int, int]:
     """(optimizer steps of the run, of one epoch) on one process, as transformers counts them: batches rounded up,
     then accumulated batches rounded up, times the epochs rounded up. Packing lays a batch's examples into fewer
-    rows but keeps the examples per batch, so it leaves the count alone; more processes take fewer steps."""
-    batches = math.ceil(train_examples / train.per_device_train_batch_size)
+    rows but keeps the examples per batch, so it leaves the count alone; more processes take fewer steps.
+    `batches`: the micro-batches of an epoch when a token budget forms them."""
+    batches = batches or math.ceil(train_examples / train.per_device_train_batch_size)
     per_epoch = max(math.ceil(batches / train.gradient_accumulation_steps), 1)
     return (train.max_steps if train.max_steps > 0 else math.ceil(train.num_train_epochs * per_epoch)), per_epoch
 
 
-def schedule_warnings(train: TrainParams, train_examples: int) -> list[str]:
+def schedule_warnings(train: TrainParams, train_examples: int, batches: int | None = None) -> list[str]:
     """What in train's step-based schedule a run on `train_examples` examples would make pointless: warmup taking
     much of the run, no validation or checkpoint before the last step, no training loss logged. One line each, for
     the train stage to print. The step count is exact on one process and an upper bound on more, where each warning
     holds all the more."""
-    steps, per_epoch = optimizer_steps(train, train_examples)
+    steps, per_epoch = optimizer_steps(train, train_examples, batches)
+    per_batch = f"in {batches} token-budget batches" if batches else \
+        f"/ batch {train.per_device_train_batch_size}"
     how = ("train.max_steps" if train.max_steps > 0 else
-           f"{train_examples} examples / batch {train.per_device_train_batch_size} x "
-           f"{train.gradient_accumulation_steps} accumulated = {per_epoch} per epoch, "
-           f"x {train.num_train_epochs:g} epochs")
+           f"{train_examples} examples {per_batch} x {train.gradient_accumulation_steps} accumulated = "
+           f"{per_epoch} per epoch, x {train.num_train_epochs:g} epochs")
     run = f"this run's optimizer steps (at most {steps}: {how})"
     every = max(steps // 4, 1)  # the suggestion: four times a run
     out = []

@@ -14,6 +14,7 @@ from finetune.batching import IGNORE_INDEX, PackedCollator, check_packing
 from finetune.data.text import encode
 from finetune.generation import BatchSize, generate
 from finetune.io import progress
+from finetune.models import input_device
 
 if TYPE_CHECKING:
     from finetune.config.data import PrepareParams
@@ -82,12 +83,13 @@ def chat_template(template: str) -> str:
 
 
 @torch.no_grad()
-def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[str, float]:
+def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int, chunk_bytes: int = 2**28) -> dict[str, float]:
     """Mean cross-entropy over response tokens (token-weighted, prompt and padding excluded), perplexity, and
     next-token accuracy/precision/recall/F1 of the argmax predictions on those tokens. `rows`: a Dataset, read a
-    batch at a time (or a list of records)."""
+    batch at a time (or a list of records). A batch that runs out of memory anywhere in it (forward pass, loss or
+    argmax) is retried at half the size."""
     rows = as_dataset(rows)
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_loss, total_tokens = 0.0, 0
     y_true: list[int] = []
     y_pred: list[int] = []
@@ -101,22 +103,61 @@ def loss_and_token_metrics(model, rows, pad_id: int, batch_size: int) -> dict[st
         labels = torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in batch["labels"]])
         mask = (torch.arange(width)[None, :] < torch.tensor([lengths[i] for i in idx])[:, None]).long()
         try:
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            loss, targets, predictions = response_loss(model, ids.to(device), mask.to(device), labels, chunk_bytes)
         except torch.cuda.OutOfMemoryError:
             size.halve(len(idx), "evaluate.batch_size")
             continue
         size.done(len(idx))
-        # Position t predicts token t+1.
-        logits, targets = logits[:, :-1], labels[:, 1:].to(device)
-        keep = targets != IGNORE_INDEX
-        total_loss += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
-        total_tokens += int(keep.sum())
-        y_true += targets[keep].tolist()
-        y_pred += logits[keep].argmax(-1).tolist()
-        del logits  # a batch x length x vocabulary float32 tensor: not held through the next forward pass
+        total_loss += loss
+        total_tokens += len(targets)
+        y_true += targets
+        y_pred += predictions
     loss = total_loss / total_tokens
     return {"eval_loss": loss, "perplexity": float(torch.exp(torch.tensor(loss))),
             **M.classification(y_true, y_pred, "token")}
+
+
+# config fields of models whose logits are not simply the output layer applied to the last hidden state
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale",
+                 "lm_head_multiplier", "scale_width", "dim_model_base")
+
+
+def decoder_and_head(model):
+    """(the decoder, the output layer) of a model whose logits are exactly head(last hidden state), else None."""
+    config = model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in SCALED_LOGITS):
+        return None
+    try:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return (decoder, head) if decoder is not None and head is not None and decoder is not model else None
+
+
+def response_loss(model, ids, mask, labels, chunk_bytes: int) -> tuple[float, list[int], list[int]]:
+    """Summed cross-entropy of a padded batch's response tokens, their targets and argmax predictions. The logits
+    are computed for the response positions only, a chunk of `chunk_bytes` of fp32 logits at a time, from the
+    decoder's hidden states; a model with scaled logits gives its own logits (one batch, in its dtype), upcast a
+    chunk at a time. Position t predicts token t+1."""
+    targets = labels[:, 1:].to(ids.device)
+    keep = targets != IGNORE_INDEX
+    split = decoder_and_head(model)
+    if split:
+        decoder, head = split
+        states = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+    else:
+        states, head = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep], None
+    targets = targets[keep]
+    vocab = head.weight.shape[0] if head is not None else states.shape[-1]
+    step = max(1, chunk_bytes // (4 * vocab))
+    loss, predictions = 0.0, []
+    for start in range(0, len(targets), step):
+        part = states[start:start + step]
+        logits = (head(part) if head is not None else part).float()
+        loss += F.cross_entropy(logits, targets[start:start + step], reduction="sum").item()
+        predictions += logits.argmax(-1).tolist()
+        del logits
+    return loss, targets.tolist(), predictions
 
 
 def as_dataset(rows):

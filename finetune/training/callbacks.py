@@ -114,6 +114,17 @@ def guarded_trainer_class():
 
         tokens_computed = 0  # this process's micro-batches, padding and filler included
         tokens_real = 0
+        token_batches = None  # a TokenBudgetBatches (train.max_tokens_per_batch), else batches of a fixed size
+
+        def get_train_dataloader(self):
+            if self.token_batches is None:
+                return super().get_train_dataloader()
+            from torch.utils.data import DataLoader
+
+            args = self.args
+            return self.accelerator.prepare(DataLoader(
+                self.train_dataset, batch_sampler=self.token_batches, collate_fn=self.data_collator,
+                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory))
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             real = real_tokens(inputs)

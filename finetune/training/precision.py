@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 from dataclasses import dataclass
 
@@ -53,7 +52,7 @@ def training_arguments(train: TrainParams, precision: Precision):
         save_total_limit=train.save_total_limit,
         fp16=precision.dtype == "fp16",
         bf16=precision.dtype == "bf16",
-        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=train.dataloader_num_workers,
         seed=train.seed,
@@ -68,13 +67,29 @@ def training_arguments(train: TrainParams, precision: Precision):
     )
 
 
+def reset_peak_memory(device: str) -> None:
+    """Measure the peak anew from here (once the model is loaded, so loading's transient copies are not counted):
+    CUDA's allocator statistics, or on CPU the process's resident high-water mark (Linux: /proc/self/clear_refs)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+    with open("/proc/self/status") as status:  # VmHWM: what clear_refs resets (getrusage's maximum is not)
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**10
 
 
-def peak_memory(device: str) -> dict:
-    """The peak memory so far and what it measures: CUDA memory allocated, or the process's resident set on CPU."""
-    return {"peak_memory_mb": round(peak_memory_mb(device), 1),
-            "peak_memory_kind": "cuda_allocated" if device == "cuda" else "cpu_rss"}
+def peak_memory(device: str, resident_at_start: float | None = None) -> dict:
+    """The peak memory since reset_peak_memory and what it measures: CUDA memory allocated, or the process's resident
+    set on CPU, there also how far it rose above `resident_at_start` (before the model loaded: the libraries' share
+    excluded, as in the plan's estimate)."""
+    peak = peak_memory_mb(device)
+    out = {"peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda_allocated" if device == "cuda" else "cpu_rss"}
+    if device == "cpu" and resident_at_start is not None:
+        out["peak_memory_above_start_mb"] = round(peak - resident_at_start, 1)
+    return out

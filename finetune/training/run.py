@@ -22,16 +22,19 @@ import torch
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from finetune import metrics as M
-from finetune.batching import padding_fraction
+from finetune.batching import padding_fraction, token_budget_batches
 from finetune.config.params import Params, as_dict
 from finetune.config.train import schedule_warnings
 from finetune.data.chat import apply_chat
 from finetune.data.prepared import open_split, read_meta, split_file
 from finetune.errors import StageError
 from finetune.io import write_json
-from finetune.models import fit_chat_tokens, load_base_model, load_tokenizer, lora_config, unpacked_4bit_layers
+from finetune.memory import check_plan, out_of_memory, plan_run, resident_mb
+from finetune.models import check_target_modules, fit_chat_tokens, load_base_model, load_tokenizer, lora_config
 from finetune.outputs import refuse_foreign, replacing
+from finetune.quantization import prepare_4bit_training, unpacked_4bit_layers
 from finetune.tasks import task_for
+from finetune.tasks.causal_lm import token_counts
 from finetune.tracking import Tracking
 from finetune.tracking.history import read_series, summarize
 from finetune.training import TRIAL_ENV, ranks
@@ -53,7 +56,7 @@ from finetune.training.checkpoints import (
     trained_through,
     versions,
 )
-from finetune.training.precision import choose_precision, peak_memory, training_arguments
+from finetune.training.precision import choose_precision, peak_memory, reset_peak_memory, training_arguments
 from finetune.training.progress import StepLog
 
 
@@ -87,6 +90,8 @@ class TrainingRun:
         except BaseException as err:
             if tracking:
                 tracking.finish({}, self.finetuned_dir, "killed" if isinstance(err, KeyboardInterrupt) else "failed")
+            if isinstance(err, torch.cuda.OutOfMemoryError):
+                raise out_of_memory(self.params, self.plan, self.output_dir) from None
             raise
         if tracking:
             tracking.finish(metrics, self.finetuned_dir, "finished")
@@ -96,7 +101,7 @@ class TrainingRun:
     def setup(self) -> None:
         """The Trainer, ready to train, the precision chosen and the base weights' memory; nothing trained or
         written."""
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model
         from transformers import set_seed
 
         params, train, method = self.params, self.params.train, self.params.train.method
@@ -106,25 +111,32 @@ class TrainingRun:
 
         set_seed(train.seed)
         train_rows, val_rows = load_split(self.prepared_dir, "train"), load_split(self.prepared_dir, "validation")
-        for message in schedule_warnings(train, len(train_rows)):
+        batches = token_budget_batches(token_counts(train_rows), train, params.prepare) \
+            if train.max_tokens_per_batch else None
+        for message in schedule_warnings(train, len(train_rows), len(batches) if batches else None):
             print(f"warning: {message}", file=sys.stderr)
         tokenizer = load_tokenizer(params.model)
         self.chat = read_meta(self.prepared_dir)["chat"]
         apply_chat(tokenizer, self.chat)  # conversations: the template, tokens and EOS prepare used
+        self.plan = plan_run(params, precision.dtype, self.task.model_class())  # before any weight loads
+        check_plan(self.plan, params, precision.device)
+        self.resident_at_start = resident_mb()
         # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies
         # that LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
+        # QLoRA's unquantized layers load in the compute dtype; norms (and what is trained) are then upcast.
         base_trains = bool(params.lora.modules_to_save) or params.lora.bias != "none"
         frozen_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.dtype, "float32") \
             if method == "lora" and not base_trains else "float32"
+        if method == "qlora":
+            frozen_dtype = params.quantization.bnb_4bit_compute_dtype
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
                                 self.task.model_class())
         new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
-        self.base_memory_mb = model.get_memory_footprint() / 2**20
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
-        if method == "qlora":  # fp32 norms and embeddings, input grads for checkpointing through frozen 4-bit layers
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "qlora":
+            prepare_4bit_training(model, params.quantization.upcast_embeddings or base_trains or bool(new_tokens))
             unpacked_4bit_layers(model)  # trainable layout, also after each validation
+        self.base_memory_mb = model.get_memory_footprint() / 2**20
         if method in ("lora", "qlora"):
             check_target_modules(model, params.lora, params.model.model_name)
             model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type, new_tokens))
@@ -143,6 +155,7 @@ class TrainingRun:
             model=model, args=training_arguments(train, precision), train_dataset=train_rows,
             eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer,
             callbacks=callbacks + ([self.pruning] if self.pruning else []))
+        self.trainer.token_batches = batches
         # StepLog prints one line per log; the Trainer's own printers would add each log again as a raw dict
         self.trainer.remove_callback(PrinterCallback)
         if self.trainer.pop_callback(ProgressCallback):  # on a terminal: keep the bar, without its dicts
@@ -154,8 +167,7 @@ class TrainingRun:
         ranks.barrier()
         if not self.main:  # the main process has left only the checkpoint to resume, if any
             resume = resumable(self.output_dir, self.fingerprint)
-        if self.precision.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(self.precision.device)
         if resume:
             print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
         return resume
@@ -205,6 +217,13 @@ class TrainingRun:
         if self.main:
             (self.output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead
 
+    def memory(self) -> dict:
+        """The measured peak beside the plan's estimate, and their ratio (on CPU, the rise above the start)."""
+        peak = peak_memory(self.precision.device, self.resident_at_start)
+        measured = peak.get("peak_memory_above_start_mb", peak["peak_memory_mb"])
+        return {**peak, "memory_plan": self.plan.summary_mb(),
+                "peak_over_plan": round(measured * 2**20 / self.plan.total, 3)}
+
     def final_metrics(self, started: float) -> dict:
         trainer, train, state, precision = self.trainer, self.params.train, self.trainer.state, self.precision
         train_losses = [e["loss"] for e in state.log_history if "loss" in e]
@@ -230,7 +249,7 @@ class TrainingRun:
             "padding_fraction": padding_fraction(tokens_real, tokens_computed),
             "train_time_s": round(self.timer.seconds, 2),
             "wall_time_s": round(time.perf_counter() - started, 2),
-            **peak_memory(precision.device),
+            **self.memory(),
             "base_weight_memory_mb": round(self.base_memory_mb, 6),
             "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
                                      * trainer.args.world_size),
@@ -262,21 +281,6 @@ def quantization_summary(params: Params) -> str:
     q = params.quantization
     return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
             f"{q.bnb_4bit_compute_dtype} compute")
-
-
-def check_target_modules(model, lora, model_name: str) -> None:
-    """Refuse LoRA targets that name no module of the model, listing the modules that could be targeted."""
-    names = [name for name, _ in model.named_modules()]
-    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                     if isinstance(module, torch.nn.Linear)})
-    for key in ("target_modules", "modules_to_save"):
-        wanted = getattr(lora, key)
-        if not wanted or wanted == "all-linear":
-            continue
-        missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
-        if missing:
-            raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
-                             f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")
 
 
 def trainable_parameters(model) -> tuple[int, int]:

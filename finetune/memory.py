@@ -1,0 +1,264 @@
+"""The memory plan: a training run's peak accelerator memory, estimated from the model's config alone, before any
+weight is loaded.
+
+The model is built on PyTorch's meta device (shapes, no storage), so a 7B or 70B config costs milliseconds and no
+download beyond its config.json. Each component is counted the way this pipeline trains:
+
+- weights: the base in the dtype it trains in (4-bit for QLoRA: half a byte per weight plus bitsandbytes'
+  quantization constants, with the embeddings and output head in the compute dtype unless upcast and the norms in
+  fp32; fp32 master weights for full fine-tuning; the precision's dtype for a frozen LoRA base under autocast);
+- trainable state: each trained parameter in fp32 with its gradient and AdamW's two moments (16 bytes);
+- activations for `tokens` tokens per micro-batch: per layer and token, the tensors a Llama-style block saves for
+  the backward pass (attention through SDPA, so no tokens-squared scores); with gradient checkpointing only each
+  layer's input is kept, plus one layer's activations while it is recomputed;
+- logits: the output layer's logits for those tokens, their fp32 copy for the loss, its log-softmax and the
+  gradient (the largest single item for big vocabularies);
+- evaluation: the validation pass's logits (no activations kept), which does not coexist with training's.
+
+The plan's total is the larger of the training and evaluation peaks. What it leaves out (the CUDA context, the
+caching allocator's fragmentation, kernels' workspaces) is covered by `HEADROOM` when it is compared with a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIB = 2**20
+HEADROOM = 1.1  # the plan must fit with 10% to spare
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BLOCK, BLOCK2 = 64, 256  # bitsandbytes' 4-bit block size, and the blocks per second-level block (double quant)
+
+
+@dataclass
+class Plan:
+    components: dict[str, float]  # bytes of each part of the peak
+    tokens: int  # per micro-batch
+    checkpointing: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        c = self.components
+        training = sum(v for k, v in c.items() if k != "evaluation_logits")
+        evaluation = c["weights"] + c["trainable_params"] + c["optimizer_states"] + c["evaluation_logits"]
+        return max(training, evaluation)
+
+    def summary_mb(self) -> dict[str, float]:
+        """The components and the total in MiB, as metrics/train.json records them."""
+        out = {f"{k}_mb": round(v / MIB, 1) for k, v in self.components.items()}
+        return {**out, "total_mb": round(self.total / MIB, 1), "tokens_per_micro_batch": self.tokens,
+                "gradient_checkpointing": self.checkpointing}
+
+    def table(self, available: float | None = None, where: str = "") -> str:
+        lines = [f"memory plan ({self.tokens} tokens per micro-batch, gradient checkpointing "
+                 f"{'on' if self.checkpointing else 'off'}):"]
+        lines += [f"  {k.replace('_', ' '):<20} {size(v):>12}" for k, v in self.components.items()]
+        lines.append(f"  {'peak (estimate)':<20} {size(self.total):>12}")
+        if available is not None:
+            lines.append(f"  {'available' + where:<20} {size(available):>12}: "
+                         + ("fits" if self.fits(available) else "does NOT fit")
+                         + f" ({HEADROOM - 1:.0%} headroom)")
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def fits(self, available: float) -> bool:
+        return self.total * HEADROOM <= available
+
+
+def size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def skeleton(config, model_class=None):
+    """The model of `config` on the meta device: every parameter's shape, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return (model_class or AutoModelForCausalLM).from_config(config)
+
+
+def micro_batch_tokens(train, prepare) -> int:
+    """Tokens per micro-batch: the token budget, else the examples per batch at the longest length."""
+    return train.max_tokens_per_batch or train.per_device_train_batch_size * prepare.max_length
+
+
+def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, precision: str) -> Plan:
+    """The plan for training `model` (a skeleton, or a loaded model) as params `train`/`lora`/`quantization` say,
+    at `tokens` tokens per micro-batch and `eval_tokens` per validation batch, under `precision` (fp32, bf16,
+    fp16)."""
+    import torch
+
+    config = model.config.get_text_config()
+    method, checkpointing = train.method, train.checkpointing
+    act = 2 if precision in ("bf16", "fp16") else 4  # autocast computes in 16 bits; else fp32 activations
+    inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
+    edges = {id(p) for m in (inputs, head) if m is not None for p in m.parameters()}
+    base_trains = bool(lora.modules_to_save) or lora.bias != "none"
+    frozen = BYTES[{"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")] \
+        if method == "lora" and not base_trains else 4
+    compute = BYTES[quantization.bnb_4bit_compute_dtype]
+    weights = 0.0
+    quantized_layers = 0
+    seen: set[int] = set()  # a tied output head shares the input embeddings' weight: counted once
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            n = param.numel()
+            if method == "qlora" and isinstance(module, torch.nn.Linear) and module is not head:
+                constants = 1 / BLOCK + 4 / (BLOCK * BLOCK2) if quantization.bnb_4bit_use_double_quant else 4 / BLOCK
+                weights += n * (0.5 + constants)
+                quantized_layers += 1
+            elif method == "qlora":
+                weights += n * (compute if id(param) in edges and not quantization.upcast_embeddings else 4)
+            elif method == "full":
+                weights += n * 4
+            else:
+                weights += n * frozen
+    if quantization.bnb_4bit_use_double_quant and method == "qlora":
+        weights += quantized_layers * (16 * 4 + BLOCK2 * 4 + 8)  # the nf4 code, the 8-bit code, the offset
+    trainable = sum(p.numel() for p in model.parameters()) if method == "full" else \
+        adapter_parameters(model, lora, head)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    q = heads * head_dim
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    # saved per token by one block: the two norms' inputs and outputs, q/k/v, the attention output, and the
+    # SwiGLU's gate, up, activation and product
+    per_layer = (4 * hidden + 2 * q + 2 * kv + 4 * mlp) * act
+    if checkpointing:
+        activations = tokens * (layers * hidden * act + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    vocab = head.weight.shape[0] if head is not None else config.vocab_size
+    logit = compute if method == "qlora" and not quantization.upcast_embeddings else act
+    per_logit = logit + (4 if logit < 4 else 0) + 8  # logits, their fp32 copy, log-softmax, gradient
+    return Plan({
+        "weights": weights,
+        "trainable_params": 0 if method == "full" else trainable * 4,  # full: the fp32 weights themselves
+        "gradients": trainable * 4,
+        "optimizer_states": trainable * 8,
+        "activations": activations,
+        "logits": tokens * vocab * per_logit,
+        "evaluation_logits": eval_tokens * vocab * (logit + (4 if logit < 4 else 0)),
+    }, tokens, checkpointing)
+
+
+def adapter_parameters(model, lora, head) -> int:
+    """Parameters LoRA trains: r x (in + out) per targeted linear layer (DoRA: plus a magnitude per output), and
+    the modules trained in full (modules_to_save)."""
+    import torch
+
+    targets = lora.target_modules
+    count = 0
+    for name, module in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear):
+            hit = module is not head if targets == "all-linear" else \
+                any(name == t or name.endswith("." + t) for t in targets)
+            if hit:
+                count += lora.r * (module.in_features + module.out_features)
+                count += module.out_features if lora.use_dora else 0
+        if lora.modules_to_save and short in lora.modules_to_save:
+            count += sum(p.numel() for p in module.parameters())
+    return count
+
+
+def plan_run(params, precision: str, model_class=None) -> Plan:
+    """The plan for training as `params` say (model, train, lora, quantization, prepare), from the model's config
+    alone."""
+    from transformers import AutoConfig
+
+    from finetune.models import fetching
+
+    model = params.model
+    with fetching(model):
+        config = AutoConfig.from_pretrained(model.model_name, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+    return estimate(skeleton(config, model_class), params.train, params.lora, params.quantization,
+                    micro_batch_tokens(params.train, params.prepare),
+                    params.train.per_device_eval_batch_size * params.prepare.max_length, precision)
+
+
+def check_plan(plan: Plan, params, device: str) -> None:
+    """Print the plan beside the device's free memory; on a GPU, refuse a run that cannot fit (train.memory_plan:
+    enforce), naming the params that would make it fit. A CPU run only warns: RAM is shared and may swap."""
+    import sys
+
+    from finetune.errors import StageError
+
+    available, where = available_memory(device)
+    print(plan.table(available, where))
+    if plan.fits(available):
+        return
+    message = (f"the memory plan's peak, {size(plan.total)} (+{HEADROOM - 1:.0%} headroom), exceeds the "
+               f"{size(available)} free{where}. To fit: {advice(plan, params.train)}")
+    if device == "cuda" and params.train.memory_plan == "enforce":
+        raise StageError(message + ". (train.memory_plan: warn trains anyway)")
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def available_memory(device: str = "cuda") -> tuple[float, str]:
+    """Free memory of the device a run would train on, and its name: the first GPU's free memory, else this
+    machine's available RAM (MemAvailable)."""
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return float(free), f" ({torch.cuda.get_device_name()})"
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024, " (RAM)"
+    return float("inf"), ""
+
+
+def advice(plan: Plan, train) -> str:
+    """The params that would shrink the largest parts of the plan, largest first."""
+    c = plan.components
+    ways = {
+        "activations": "train.max_tokens_per_batch (fewer tokens per micro-batch; raise "
+                       "train.gradient_accumulation_steps to keep the batch)"
+                       + ("" if plan.checkpointing else ", train.gradient_checkpointing: true"),
+        "logits": "train.max_tokens_per_batch (logits grow with tokens x vocabulary)",
+        "weights": "train.method: qlora (4-bit base)" if train.method != "qlora" else
+                   "a smaller model (the base is in 4 bits already)",
+        "optimizer_states": "train.method: lora or qlora (an adapter instead of every weight)"
+                            if train.method == "full" else "a smaller lora.r or fewer lora.target_modules",
+        "evaluation_logits": "train.per_device_eval_batch_size or prepare.max_length",
+    }
+    order = sorted((k for k in ways if c.get(k)), key=lambda k: -c[k])
+    return "; ".join(f"{k.replace('_', ' ')} {c[k] / 2**30:.1f} GiB: {ways[k]}" for k in order[:3])
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def out_of_memory(params, plan: Plan, output_dir) -> Exception:
+    """A CUDA out-of-memory error in training as one message naming the knobs, not a traceback."""
+    import torch
+
+    from finetune.errors import StageError
+    from finetune.training.checkpoints import latest_checkpoint
+
+    train = params.train
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    budget = train.max_tokens_per_batch or f"null (up to {micro_batch_tokens(train, params.prepare)})"
+    last = latest_checkpoint(output_dir)
+    return StageError(
+        f"out of GPU memory while training (peak {peak:.1f} GiB allocated; the memory plan estimated "
+        f"{plan.total / 2**30:.1f} GiB). Each of these lowers the memory of a step: train.max_tokens_per_batch "
+        f"(now {budget}) or train.per_device_train_batch_size (now {train.per_device_train_batch_size}) with more "
+        f"train.gradient_accumulation_steps (now {train.gradient_accumulation_steps}) to keep the batch; "
+        f"train.gradient_checkpointing: true (now {'on' if train.checkpointing else 'off'}); prepare.max_length "
+        f"(now {params.prepare.max_length}); train.method: qlora (now {train.method}). "
+        + (f"Rerunning resumes from {last}." if last else "No checkpoint was written yet."))
