@@ -1,5 +1,6 @@
 """GPU benchmark: our train stage on a Qwen2.5-0.5B-shaped model (random weights from a config, nothing downloaded),
-LoRA in bf16 with packing and QLoRA (nf4), reporting tokens/s, MFU and peak memory in one table.
+LoRA in bf16 with packing and QLoRA (nf4), reporting tokens/s, MFU, and peak memory beside the memory plan's
+estimate, in one table.
 
     python -m bench.gpu                  # on a CUDA machine, ~2-3 minutes
     python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
@@ -88,14 +89,15 @@ def matmul_peak(dtype: torch.dtype, device: str) -> float:
 
 
 def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method: str, steps: int,
-               batch: int, row_length: int) -> dict:
+               batch: int, row_length: int, packing: bool = True) -> dict:
     from finetune.batching import padding_fraction
-    from finetune.training.precision import peak_memory
+    from finetune.memory import plan_run, resident_mb
+    from finetune.training.precision import peak_memory, reset_peak_memory
     from finetune.training.run import trainable_parameters, trainer_for
 
     p = copy.deepcopy(base_params)
     p.model.model_name = str(model_dir)
-    p.train.method, p.train.bf16, p.train.packing = method, True, True
+    p.train.method, p.train.bf16, p.train.packing = method, True, packing
     p.train.per_device_train_batch_size, p.train.per_device_eval_batch_size = batch, batch
     p.train.max_steps, p.train.warmup_steps, p.train.learning_rate = steps, 2, 2e-4
     p.train.eval_steps = p.train.save_steps = p.train.logging_steps = steps + 1
@@ -105,8 +107,10 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
     p.quantization.bnb_4bit_compute_dtype = "bfloat16"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    resident = resident_mb()
     trainer, precision, base_mb = trainer_for(p, prepared, run_fingerprint="bench-gpu")
+    reset_peak_memory(precision.device)  # as the train stage does: the peak of training, the model loaded
+    plan = plan_run(p, precision.dtype)
     clock = StepClock()
     trainer.add_callback(clock)
     trainer.train()
@@ -115,7 +119,9 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
     result.update(method=method, precision=precision.dtype, device=precision.device,
                   base_weight_mb=round(base_mb, 3), trainable_params=trainable, total_params=total,
                   padding_fraction=padding_fraction(trainer.tokens_real, trainer.tokens_computed),
-                  **peak_memory(precision.device))
+                  memory_plan_mb=round(plan.total / 2**20, 1), **peak_memory(precision.device, resident))
+    measured = result.get("peak_memory_above_start_mb", result["peak_memory_mb"])
+    result["peak_over_plan"] = round(measured / result["memory_plan_mb"], 3)
     del trainer
     shutil.rmtree(p.train.output_dir, ignore_errors=True)
     return result
@@ -161,14 +167,15 @@ def main(argv: list[str] | None = None) -> None:
             r["mfu_measured_peak"] = None if args.toy else round(4 * n * r["tokens_per_second"] / peak, 4)
             r["mfu_vendor_peak"] = round(4 * n * r["tokens_per_second"] / vendor, 4) if vendor else None
             results[method] = r
-    rows = [("method", "tokens/s", "MFU (measured peak)", "MFU (vendor peak)", "peak memory MB", "base weights MB",
-             "filler")]
+    rows = [("method", "tokens/s", "MFU (measured peak)", "MFU (vendor peak)", "peak memory MB", "plan MB",
+             "peak / plan", "base weights MB", "filler")]
     for method in args.methods.split(","):
         r = results[method]
         mfu = f"{r['mfu_measured_peak']:.1%}" if r["mfu_measured_peak"] else "-"
         rows.append((f"{method} ({r['precision']})", f"{r['tokens_per_second']:.0f}", mfu,
                      f"{r['mfu_vendor_peak']:.1%}" if r["mfu_vendor_peak"] else "-", f"{r['peak_memory_mb']:.0f}",
-                     f"{r['base_weight_mb']:.0f}", f"{r['padding_fraction']:.1%}"))
+                     f"{r['memory_plan_mb']:.0f}", f"{r['peak_over_plan']:.2f}", f"{r['base_weight_mb']:.0f}",
+                     f"{r['padding_fraction']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows)
     print(f"{results['model']} on {device}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s\n{text}")
