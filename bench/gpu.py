@@ -109,7 +109,7 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
         torch.cuda.empty_cache()
     resident = resident_mb()
     trainer, precision, base_mb = trainer_for(p, prepared, run_fingerprint="bench-gpu")
-    reset_peak_memory(precision.device)  # as the train stage does: the peak of training, the model loaded
+    kind = reset_peak_memory(precision.device)  # as the train stage does: the peak of training, the model loaded
     plan = plan_run(p, precision.dtype)
     clock = StepClock()
     trainer.add_callback(clock)
@@ -119,7 +119,7 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
     result.update(method=method, precision=precision.dtype, device=precision.device,
                   base_weight_mb=round(base_mb, 3), trainable_params=trainable, total_params=total,
                   padding_fraction=padding_fraction(trainer.tokens_real, trainer.tokens_computed),
-                  memory_plan_mb=round(plan.total / 2**20, 1), **peak_memory(precision.device, resident))
+                  memory_plan_mb=round(plan.total / 2**20, 1), **peak_memory(precision.device, resident, kind))
     measured = result.get("peak_memory_above_start_mb", result["peak_memory_mb"])
     result["peak_over_plan"] = round(measured / result["memory_plan_mb"], 3)
     del trainer

@@ -7,7 +7,7 @@ process; the plan's estimate beside the measured peak, and their ratio.
 
 On CPU the measured peak is the process's resident high-water mark, reset once the model has loaded, minus its
 resident memory before the model loaded. glibc keeps freed blocks for reuse, which the resident set would count as
-used (measured once here: 1.56x the plan for QLoRA instead of 1.16x), so each run sets MALLOC_MMAP_THRESHOLD_=65536:
+used (measured once here: about 1.5 GB more for QLoRA), so each run sets MALLOC_MMAP_THRESHOLD_=65536:
 big blocks then go back to the system when freed and the resident set follows the live tensors. The rows are
 padded (4 examples of 64 to 256 tokens: at most the 1,024 tokens the plan counts), not packed: packing's check
 compares a random bf16 model's tiny logits at a tolerance made for trained ones.

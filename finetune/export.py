@@ -69,9 +69,10 @@ def merge(params: Params, test_file: Path) -> dict:
     if not test_file.exists():
         raise StageError(f"{test_file} not found: run the prepare stage first (dvc repro prepare)")
     refuse_foreign(merged_dir, "model", "export.merged_dir")
-    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)
+    tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)  # saved as it is; the check pads its own copy left
     test = open_split(test_file)
-    check = Check(tokenizer, list(test.select(range(min(params.export.check_examples, len(test))))["prompt"]),
+    prompts = list(test.select(range(min(params.export.check_examples, len(test))))["prompt"])
+    check = Check(AutoTokenizer.from_pretrained(finetuned_dir), prompts,
                   params.export.check_max_new_tokens, read_meta(test_file.parent)["chat"] is None)
     placement = inference_placement()
     dtype = saved_dtype(finetuned_dir if method == "full" else ModelParams(**config["model"]))

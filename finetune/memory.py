@@ -6,13 +6,15 @@ download beyond its config.json. Each component is counted the way this pipeline
 
 - weights: the base in the dtype it trains in (4-bit for QLoRA: half a byte per weight plus bitsandbytes'
   quantization constants, with the embeddings and output head in the compute dtype unless upcast and the norms in
-  fp32; fp32 master weights for full fine-tuning; the precision's dtype for a frozen LoRA base under autocast);
+  fp32; fp32 master weights for full fine-tuning; the precision's dtype for a frozen LoRA base under autocast),
+  and, when autocast computes fp32 weights in 16 bits, the 16-bit copies it keeps for the backward pass;
 - trainable state: each trained parameter in fp32 with its gradient and AdamW's two moments (16 bytes);
 - activations for `tokens` tokens per micro-batch: per layer and token, the tensors a Llama-style block saves for
-  the backward pass (attention through SDPA, so no tokens-squared scores); with gradient checkpointing only each
-  layer's input is kept, plus one layer's activations while it is recomputed;
-- logits: the output layer's logits for those tokens, their fp32 copy for the loss, its log-softmax and the
-  gradient (the largest single item for big vocabularies);
+  the backward pass (attention through SDPA, so no tokens-squared scores), 16-bit under autocast but fp32 for
+  QLoRA, whose fp32 norms keep the residual stream in fp32; with gradient checkpointing only each layer's input is
+  kept, plus one layer's activations while it is recomputed;
+- logits: the output layer's logits for those tokens, their fp32 copy for the loss, its log-softmax, the gradient
+  and, for 16-bit logits, the gradient cast back to 16 bits (the largest single item for big vocabularies);
 - evaluation: the validation pass's logits (no activations kept), which does not coexist with training's.
 
 The plan's total is the larger of the training and evaluation peaks. What it leaves out (the CUDA context, the
@@ -68,13 +70,13 @@ def size(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def skeleton(config, model_class=None):
+def skeleton(config, model_class=None, trust_remote_code: bool = False):
     """The model of `config` on the meta device: every parameter's shape, no memory."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return (model_class or AutoModelForCausalLM).from_config(config)
+        return (model_class or AutoModelForCausalLM).from_config(config, trust_remote_code=trust_remote_code)
 
 
 def micro_batch_tokens(train, prepare) -> int:
@@ -82,18 +84,24 @@ def micro_batch_tokens(train, prepare) -> int:
     return train.max_tokens_per_batch or train.per_device_train_batch_size * prepare.max_length
 
 
-def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, precision: str) -> Plan:
+def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, precision: str,
+             added_rows: int = 0, chat_tokens: bool = False) -> Plan:
     """The plan for training `model` (a skeleton, or a loaded model) as params `train`/`lora`/`quantization` say,
     at `tokens` tokens per micro-batch and `eval_tokens` per validation batch, under `precision` (fp32, bf16,
-    fp16)."""
+    fp16). `added_rows`: embedding rows a chat template's tokens add; `chat_tokens`: whether such tokens are trained
+    (which keeps QLoRA's embeddings in fp32, as the train stage does)."""
     import torch
 
     config = model.config.get_text_config()
     method, checkpointing = train.method, train.checkpointing
-    act = 2 if precision in ("bf16", "fp16") else 4  # autocast computes in 16 bits; else fp32 activations
+    half = precision in ("bf16", "fp16")
+    # autocast computes in 16 bits; QLoRA's residual stream stays fp32 even then (its norms are fp32, and a 4-bit
+    # layer returns its input's dtype)
+    act = 2 if half and method != "qlora" else 4
     inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
     edges = {id(p) for m in (inputs, head) if m is not None for p in m.parameters()}
     base_trains = bool(lora.modules_to_save) or lora.bias != "none"
+    upcast = quantization.upcast_embeddings or base_trains or chat_tokens
     frozen = BYTES[{"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")] \
         if method == "lora" and not base_trains else 4
     compute = BYTES[quantization.bnb_4bit_compute_dtype]
@@ -111,13 +119,19 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
                 weights += n * (0.5 + constants)
                 quantized_layers += 1
             elif method == "qlora":
-                weights += n * (compute if id(param) in edges and not quantization.upcast_embeddings else 4)
+                weights += n * (compute if id(param) in edges and not upcast else 4)
             elif method == "full":
                 weights += n * 4
             else:
                 weights += n * frozen
     if quantization.bnb_4bit_use_double_quant and method == "qlora":
         weights += quantized_layers * (16 * 4 + BLOCK2 * 4 + 8)  # the nf4 code, the 8-bit code, the offset
+    edge_bytes = (compute if not upcast else 4) if method == "qlora" else 4 if method == "full" else frozen
+    tied = head is None or head.weight is inputs.weight
+    weights += added_rows * config.hidden_size * edge_bytes * (1 if tied else 2)
+    # autocast's 16-bit copies of fp32 linear weights, kept for the backward pass
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    copies = 2 * linear if half and (method == "full" or (method == "lora" and frozen == 4)) else 0
     trainable = sum(p.numel() for p in model.parameters()) if method == "full" else \
         adapter_parameters(model, lora, head)
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -133,14 +147,16 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
         activations = tokens * (layers * hidden * act + per_layer)
     else:
         activations = tokens * layers * per_layer
-    vocab = head.weight.shape[0] if head is not None else config.vocab_size
-    logit = compute if method == "qlora" and not quantization.upcast_embeddings else act
-    per_logit = logit + (4 if logit < 4 else 0) + 8  # logits, their fp32 copy, log-softmax, gradient
+    vocab = (head.weight.shape[0] if head is not None else config.vocab_size) + added_rows
+    logit = compute if method == "qlora" and not upcast else 2 if half else 4
+    # logits, their fp32 copy, log-softmax and gradient, and that gradient cast back to the logits' dtype
+    per_logit = logit + 8 + (4 + logit if logit < 4 else 0)
     return Plan({
         "weights": weights,
         "trainable_params": 0 if method == "full" else trainable * 4,  # full: the fp32 weights themselves
         "gradients": trainable * 4,
         "optimizer_states": trainable * 8,
+        "autocast_weight_copies": copies,
         "activations": activations,
         "logits": tokens * vocab * per_logit,
         "evaluation_logits": eval_tokens * vocab * (logit + (4 if logit < 4 else 0)),
@@ -167,31 +183,37 @@ def adapter_parameters(model, lora, head) -> int:
     return count
 
 
-def plan_run(params, precision: str, model_class=None) -> Plan:
+def plan_run(params, precision: str, model_class=None, tokenizer_size: int = 0, chat_tokens: bool = False) -> Plan:
     """The plan for training as `params` say (model, train, lora, quantization, prepare), from the model's config
-    alone."""
+    alone; `tokenizer_size` and `chat_tokens` as a chat template left the tokenizer."""
     from transformers import AutoConfig
 
-    from finetune.models import fetching
+    from finetune.models import fetching, refuse_remote_code
 
     model = params.model
+    refuse_remote_code(model)
     with fetching(model):
         config = AutoConfig.from_pretrained(model.model_name, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
-    return estimate(skeleton(config, model_class), params.train, params.lora, params.quantization,
+    shape = skeleton(config, model_class, model.trust_remote_code)
+    rows = shape.get_input_embeddings().weight.shape[0]
+    return estimate(shape, params.train, params.lora, params.quantization,
                     micro_batch_tokens(params.train, params.prepare),
-                    params.train.per_device_eval_batch_size * params.prepare.max_length, precision)
+                    params.train.per_device_eval_batch_size * params.prepare.max_length, precision,
+                    max(0, tokenizer_size - rows), chat_tokens)
 
 
-def check_plan(plan: Plan, params, device: str) -> None:
-    """Print the plan beside the device's free memory; on a GPU, refuse a run that cannot fit (train.memory_plan:
-    enforce), naming the params that would make it fit. A CPU run only warns: RAM is shared and may swap."""
+def check_plan(plan: Plan, params, device: str, main: bool = True) -> None:
+    """Print the plan beside the free memory of this process's device (the main process prints); on a GPU, refuse a
+    run that cannot fit (train.memory_plan: enforce), naming the params that would make it fit. A CPU run only
+    warns: RAM is shared and may swap."""
     import sys
 
     from finetune.errors import StageError
 
     available, where = available_memory(device)
-    print(plan.table(available, where))
+    if main:
+        print(plan.table(available, where))
     if plan.fits(available):
         return
     message = (f"the memory plan's peak, {size(plan.total)} (+{HEADROOM - 1:.0%} headroom), exceeds the "
@@ -202,13 +224,16 @@ def check_plan(plan: Plan, params, device: str) -> None:
 
 
 def available_memory(device: str = "cuda") -> tuple[float, str]:
-    """Free memory of the device a run would train on, and its name: the first GPU's free memory, else this
-    machine's available RAM (MemAvailable)."""
+    """Free memory of the device a run would train on, and its name: this process's GPU (LOCAL_RANK under a
+    launcher, else the first), else this machine's available RAM (MemAvailable)."""
+    import os
+
     import torch
 
     if device == "cuda" and torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return float(free), f" ({torch.cuda.get_device_name()})"
+        index = int(os.environ.get("LOCAL_RANK", 0))
+        free, _ = torch.cuda.mem_get_info(index)
+        return float(free), f" ({torch.cuda.get_device_name(index)})"
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemAvailable:"):

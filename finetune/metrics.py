@@ -44,7 +44,8 @@ DIRECTIONS: dict[str, str] = {
     "tokens_per_second": COST, "train_time_s": COST, "wall_time_s": COST, "elapsed_s": COST, "peak_memory_mb": COST,
     "peak_memory_above_start_mb": COST, "peak_over_plan": NEUTRAL,
     # the memory plan (train.json's memory_plan): estimated before the run, beside the measured peak
-    "weights_mb": COST, "trainable_params_mb": COST, "gradients_mb": COST, "optimizer_states_mb": COST,
+    "weights_mb": COST, "autocast_weight_copies_mb": COST, "trainable_params_mb": COST, "gradients_mb": COST,
+    "optimizer_states_mb": COST,
     "activations_mb": COST, "logits_mb": COST, "evaluation_logits_mb": COST, "total_mb": COST,
     "tokens_per_micro_batch": NEUTRAL, "gradient_checkpointing": NEUTRAL,
     # merge (metrics/merge.json): the export must behave as the adapter did

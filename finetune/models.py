@@ -80,7 +80,7 @@ def inference_dtype() -> str:
 
     if not torch.cuda.is_available():
         return "float32"
-    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
 
 
 def inference_placement() -> str | None:

@@ -133,15 +133,42 @@ def test_plan_weight_bytes_match_really_loaded_models_within_5_percent(qwen_shap
     planned = estimate(shape, TrainParams(method="lora", bf16=True), lora, quant, 128, 128, "bf16")
     assert planned.components["weights"] == pytest.approx(bf16.get_memory_footprint(), rel=0.05)
 
-    for upcast in (False, True):
+    # upcast when asked, or because something of the base trains (as the train stage decides)
+    for upcast, lora in ((False, LoraParams()), (True, LoraParams()), (False, LoraParams(bias="all"))):
         quant.upcast_embeddings = upcast
+        forced = upcast or lora.bias != "none"
         four_bit = load_base_model(model, quant, dtype="bfloat16")
-        prepare_4bit_training(four_bit, upcast)
-        assert four_bit.get_input_embeddings().weight.dtype == (torch.float32 if upcast else torch.bfloat16)
+        prepare_4bit_training(four_bit, forced)
+        assert four_bit.get_input_embeddings().weight.dtype == (torch.float32 if forced else torch.bfloat16)
         real = four_bit.get_memory_footprint() + quant_state_bytes(four_bit)
         planned = estimate(shape, TrainParams(method="qlora"), lora, quant, 128, 128, "fp32")
         assert planned.components["weights"] == pytest.approx(real, rel=0.05)
-        assert planned.components["weights"] < 0.6 * bf16.get_memory_footprint() * (2 if upcast else 1)
+        assert planned.components["weights"] < 0.6 * bf16.get_memory_footprint() * (2 if forced else 1)
+
+
+def test_plan_counts_autocasts_16_bit_copies_of_fp32_weights(qwen_shaped):
+    """Full fine-tuning under bf16 autocast: each linear layer's weight is cast to bf16 and the copy saved for the
+    backward pass; counted here with a saved-tensors hook on a real step."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen_shaped, dtype=torch.float32)
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    shapes |= {shape[::-1] for shape in shapes}  # a matmul may save the transposed view of the copy
+    copies: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.dtype == torch.bfloat16 and tuple(tensor.shape) in shapes:
+            copies[tensor.untyped_storage().data_ptr()] = tensor.numel() * 2
+        return tensor
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    planned = estimate(skeleton(AutoConfig.from_pretrained(qwen_shaped)), TrainParams(method="full", bf16=True),
+                       LoraParams(), QuantizationParams(), 4, 4, "bf16")
+    assert planned.components["autocast_weight_copies"] == pytest.approx(sum(copies.values()), rel=0.01)
+    fp32 = estimate(skeleton(AutoConfig.from_pretrained(qwen_shaped)), TrainParams(method="full"), LoraParams(),
+                    QuantizationParams(), 4, 4, "fp32")
+    assert fp32.components["autocast_weight_copies"] == 0
 
 
 @pytest.mark.parametrize("lora", [LoraParams(r=4), LoraParams(r=8, target_modules="all-linear", use_dora=True)],
@@ -318,7 +345,7 @@ def test_token_budget_batches_bound_every_micro_batch(packing):
     assert sorted(map(tuple, first)) == sorted(map(tuple, batches)) and first != list(batches)
 
 
-def test_training_with_a_token_budget(workdir):
+def test_training_with_a_token_budget(workdir, monkeypatch):
     use(workdir, train={"max_tokens_per_batch": 192, "per_device_train_batch_size": 64})
     params = load_params()
     run_prepare(params)
@@ -326,8 +353,16 @@ def test_training_with_a_token_budget(workdir):
     loader = trainer.get_train_dataloader()
     widths = [batch["input_ids"].numel() for batch in loader]
     assert len(widths) == len(trainer.token_batches) and max(widths) <= 192
-    metrics = run_train(params)
-    assert metrics["steps"] == 6 and metrics["memory_plan"]["tokens_per_micro_batch"] == 192
+    from transformers import Trainer
+
+    assert callable(getattr(Trainer, "_run_epoch", None))  # where GuardedTrainer sets the token batches' epoch
+    epochs = []  # each epoch takes the batches in its own order, set by the Trainer's epoch loop
+    real_set_epoch = TokenBudgetBatches.set_epoch
+    monkeypatch.setattr(TokenBudgetBatches, "set_epoch", lambda self, e: (epochs.append(e), real_set_epoch(self, e)))
+    use(workdir, train={"max_steps": -1, "num_train_epochs": 2})
+    metrics = run_train(load_params())
+    assert epochs == sorted(epochs) and set(epochs) == {0, 1}
+    assert metrics["memory_plan"]["tokens_per_micro_batch"] == 192
     use(workdir, train={"max_tokens_per_batch": 50})
     with pytest.raises(StageError, match="train.max_tokens_per_batch: 50 is less than one example"):
         setup_trainer(load_params())
@@ -349,6 +384,9 @@ def test_bf16_base_merges_and_saves_in_bf16_agreeing_with_the_adapter(workdir):
     run_train(params)
     checked = run_merge(params)
     assert checked["dtype"] == "bfloat16" and checked["examples"] > 10 and checked["greedy_agreement"] == 1.0
+    saved = json.loads((workdir / "models/merged/tokenizer_config.json").read_text())
+    assert saved.get("padding_side") == json.loads(
+        (workdir / "models/finetuned/tokenizer_config.json").read_text()).get("padding_side")  # not the check's
     merged = AutoModelForCausalLM.from_pretrained(workdir / "models/merged", dtype="auto")
     assert merged.dtype == torch.bfloat16  # saved in the base's dtype, not upcast
     assert json.loads((workdir / "models/merged/config.json").read_text())["dtype"] == "bfloat16"

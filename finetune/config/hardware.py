@@ -33,7 +33,7 @@ class Hardware:
         import torch
 
         cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(including_emulation=False),
                    bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
                    mlflow=importlib.util.find_spec("mlflow") is not None,
                    wandb=importlib.util.find_spec("wandb") is not None,

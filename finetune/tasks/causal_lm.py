@@ -139,22 +139,23 @@ def response_loss(model, ids, mask, labels, chunk_bytes: int) -> tuple[float, li
     are computed for the response positions only, a chunk of `chunk_bytes` of fp32 logits at a time, from the
     decoder's hidden states; a model with scaled logits gives its own logits (one batch, in its dtype), upcast a
     chunk at a time. Position t predicts token t+1."""
-    targets = labels[:, 1:].to(ids.device)
+    targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     split = decoder_and_head(model)
-    if split:
+    if split:  # a model spread over GPUs leaves its hidden states on the last one
         decoder, head = split
-        states = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][keep]
+        states = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
     else:
-        states, head = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep], None
-    targets = targets[keep]
+        states, head = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1], None
+    states, targets = states[keep.to(states.device)], targets[keep]
     vocab = head.weight.shape[0] if head is not None else states.shape[-1]
     step = max(1, chunk_bytes // (4 * vocab))
     loss, predictions = 0.0, []
     for start in range(0, len(targets), step):
         part = states[start:start + step]
         logits = (head(part) if head is not None else part).float()
-        loss += F.cross_entropy(logits, targets[start:start + step], reduction="sum").item()
+        part_targets = targets[start:start + step].to(logits.device)
+        loss += F.cross_entropy(logits, part_targets, reduction="sum").item()
         predictions += logits.argmax(-1).tolist()
         del logits
     return loss, targets.tolist(), predictions

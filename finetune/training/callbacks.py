@@ -116,6 +116,12 @@ def guarded_trainer_class():
         tokens_real = 0
         token_batches = None  # a TokenBudgetBatches (train.max_tokens_per_batch), else batches of a fixed size
 
+        def _run_epoch(self, model, epoch, *args, **kwargs):
+            # the Trainer's own set_epoch does not reach a batch sampler behind accelerate's shard and skip wrappers
+            if self.token_batches is not None:
+                self.token_batches.set_epoch(epoch)
+            return super()._run_epoch(model, epoch, *args, **kwargs)
+
         def get_train_dataloader(self):
             if self.token_batches is None:
                 return super().get_train_dataloader()

@@ -42,7 +42,8 @@ def fingerprint(params: Params, prepared_dir: Path, processes: int = 1) -> str:
     train = {k: v for k, v in as_dict(params.train).items() if k not in ("output_dir", "finetuned_dir")}
     package = Path(__file__).resolve().parent.parent
     code = sorted([*package.glob("training/*.py"), *package.glob("tasks/*.py"), package / "batching.py",
-                   package / "models.py", package / "config/train.py", package / "config/model.py"])
+                   package / "models.py", package / "quantization.py", package / "config/train.py",
+                   package / "config/model.py"])
     identity = {
         "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
         "row_length": params.prepare.max_length,

@@ -67,14 +67,19 @@ def training_arguments(train: TrainParams, precision: Precision):
     )
 
 
-def reset_peak_memory(device: str) -> None:
+def reset_peak_memory(device: str) -> str:
     """Measure the peak anew from here (once the model is loaded, so loading's transient copies are not counted):
-    CUDA's allocator statistics, or on CPU the process's resident high-water mark (Linux: /proc/self/clear_refs)."""
+    CUDA's allocator statistics, or on CPU the process's resident high-water mark (Linux: /proc/self/clear_refs).
+    Returns what the peak will measure: a system that refuses the reset keeps the peak since the process began."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        return
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+        return "cuda_allocated"
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        return "cpu_rss_with_loading"
+    return "cpu_rss"
 
 
 def peak_memory_mb(device: str) -> float:
@@ -84,12 +89,13 @@ def peak_memory_mb(device: str) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**10
 
 
-def peak_memory(device: str, resident_at_start: float | None = None) -> dict:
+def peak_memory(device: str, resident_at_start: float | None = None, kind: str | None = None) -> dict:
     """The peak memory since reset_peak_memory and what it measures: CUDA memory allocated, or the process's resident
     set on CPU, there also how far it rose above `resident_at_start` (before the model loaded: the libraries' share
     excluded, as in the plan's estimate)."""
     peak = peak_memory_mb(device)
-    out = {"peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda_allocated" if device == "cuda" else "cpu_rss"}
+    kind = kind or ("cuda_allocated" if device == "cuda" else "cpu_rss")
+    out = {"peak_memory_mb": round(peak, 1), "peak_memory_kind": kind}
     if device == "cpu" and resident_at_start is not None:
         out["peak_memory_above_start_mb"] = round(peak - resident_at_start, 1)
     return out

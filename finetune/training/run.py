@@ -118,8 +118,9 @@ class TrainingRun:
         tokenizer = load_tokenizer(params.model)
         self.chat = read_meta(self.prepared_dir)["chat"]
         apply_chat(tokenizer, self.chat)  # conversations: the template, tokens and EOS prepare used
-        self.plan = plan_run(params, precision.dtype, self.task.model_class())  # before any weight loads
-        check_plan(self.plan, params, precision.device)
+        self.plan = plan_run(params, precision.dtype, self.task.model_class(), len(tokenizer),
+                             bool(self.chat and self.chat["added_tokens"]))  # before any weight loads
+        check_plan(self.plan, params, precision.device, self.main)
         self.resident_at_start = resident_mb()
         # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies
         # that LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
@@ -167,7 +168,7 @@ class TrainingRun:
         ranks.barrier()
         if not self.main:  # the main process has left only the checkpoint to resume, if any
             resume = resumable(self.output_dir, self.fingerprint)
-        reset_peak_memory(self.precision.device)
+        self.peak_kind = reset_peak_memory(self.precision.device)
         if resume:
             print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
         return resume
@@ -219,7 +220,7 @@ class TrainingRun:
 
     def memory(self) -> dict:
         """The measured peak beside the plan's estimate, and their ratio (on CPU, the rise above the start)."""
-        peak = peak_memory(self.precision.device, self.resident_at_start)
+        peak = peak_memory(self.precision.device, self.resident_at_start, self.peak_kind)
         measured = peak.get("peak_memory_above_start_mb", peak["peak_memory_mb"])
         return {**peak, "memory_plan": self.plan.summary_mb(),
                 "peak_over_plan": round(measured * 2**20 / self.plan.total, 3)}
