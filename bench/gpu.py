@@ -4,6 +4,7 @@ estimate, in one table.
 
     python -m bench.gpu                  # on a CUDA machine, ~2-3 minutes
     python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
+    python -m bench.gpu --processes 1,2,4,8   # also DDP scaling on this node (default on GPUs: powers of two)
 
 Mixed-length synthetic examples (64 to 512 tokens, the second half supervised) go through the same code as
 `dvc repro train`: finetune.training.run.trainer_for with the PackedCollator, the precision choice and
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -127,6 +130,42 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
     return result
 
 
+def scaling(model_dir: Path, prepared: Path, work: Path, counts: list[int], steps: int, batch: int,
+            row_length: int, bf16: bool) -> list[dict]:
+    """Tokens/s of the train stage itself (`python -m stages.train`, which starts its own workers) on 1, 2, ... N
+    processes of this node, DDP, LoRA, each process `batch` examples a step (the global batch grows with N), and the
+    efficiency against N times one process. On CPU the processes share the cores (OMP_NUM_THREADS = cores / N)."""
+    import yaml
+
+    out = []
+    for n in counts:
+        run = work / f"scaling-{n}"
+        run.mkdir()
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["model"]["model_name"] = str(model_dir)
+        params["prepare"]["max_length"] = row_length
+        params["train"].update(method="lora", bf16=bf16, per_device_train_batch_size=batch, max_steps=steps,
+                               warmup_steps=2, learning_rate=2e-4, eval_steps=steps + 1, save_steps=steps + 1,
+                               logging_steps=steps + 1)
+        params["lora"].update(r=16, lora_alpha=32, target_modules="all-linear")
+        params["distributed"]["nproc_per_node"] = n
+        (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        shutil.copy(ROOT / "dvc.yaml", run / "dvc.yaml")  # names the outputs the stage may replace
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the launcher shares the cores
+        done = subprocess.run([sys.executable, "-m", "stages.train", "--prepared", str(prepared), "--metrics",
+                               "train.json", "--history", "live"], cwd=run, capture_output=True, text=True,
+                              env={**env, "PYTHONPATH": str(ROOT)}, timeout=3600)
+        if done.returncode:
+            raise RuntimeError(f"{n} processes: {done.stderr[-3000:]}")
+        metrics = json.loads((run / "train.json").read_text())["training"]
+        out.append({"processes": n, "tokens_per_second": metrics["tokens_per_second"],
+                    "tokens_trained": metrics["tokens_trained"], "train_time_s": metrics["train_time_s"]})
+        out[-1]["efficiency"] = round(out[-1]["tokens_per_second"] / (n * out[0]["tokens_per_second"]), 3)
+        print(f"{n} processes: {metrics['tokens_per_second']:,.0f} tokens/s, efficiency {out[-1]['efficiency']:.0%}",
+              file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from finetune.config.params import load_params
 
@@ -135,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=None, help="examples per step (default 32; toy 8)")
     parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--processes", help="also measure DDP scaling on this node, e.g. 1,2,4,8 (default: 1 and "
+                        "every power of two up to the GPUs; none on CPU)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/gpu_results.json")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -167,6 +208,12 @@ def main(argv: list[str] | None = None) -> None:
             r["mfu_measured_peak"] = None if args.toy else round(4 * n * r["tokens_per_second"] / peak, 4)
             r["mfu_vendor_peak"] = round(4 * n * r["tokens_per_second"] / vendor, 4) if vendor else None
             results[method] = r
+        counts = [int(n) for n in args.processes.split(",")] if args.processes else \
+            [2**i for i in range(torch.cuda.device_count().bit_length())] if cuda else []
+        if counts and counts != [1]:
+            print(f"scaling over {counts} processes...", file=sys.stderr)
+            results["scaling"] = scaling(tmp / "model", tmp / "prepared", tmp, counts, args.steps, batch,
+                                         row_length, bf16=cuda)
     rows = [("method", "tokens/s", "MFU (measured peak)", "MFU (vendor peak)", "peak memory MB", "plan MB",
              "peak / plan", "base weights MB", "filler")]
     for method in args.methods.split(","):
@@ -178,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['padding_fraction']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows)
+    for r in results.get("scaling", []):
+        text += (f"\n{r['processes']} processes (DDP): {r['tokens_per_second']:,.0f} tokens/s, "
+                 f"{r['efficiency']:.0%} of {r['processes']} x one process")
     print(f"{results['model']} on {device}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s\n{text}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

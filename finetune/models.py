@@ -106,6 +106,9 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     kwargs = {"device_map": device_map} if device_map else {}
     if quantization is not None:
         kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of several: its 4-bit model on its own device
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": local if torch.cuda.is_available() else "cpu"}
     with fetching(model):
         loaded = model_class.from_pretrained(
             model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from finetune.config.model import QuantizationParams
+    from finetune.config.params import Params
 
 
 def quantization_config(quant: QuantizationParams):
@@ -54,3 +55,11 @@ def prepare_4bit_training(model, upcast_embeddings: bool) -> None:
         head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype), *args[1:]))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def quantization_summary(params: Params) -> str:
+    if params.train.method != "qlora":
+        return "none"
+    q = params.quantization
+    return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
+            f"{q.bnb_4bit_compute_dtype} compute")

@@ -4,22 +4,28 @@
     dvc exp run -S train.learning_rate=1e-3 -S lora.r=16
     dvc exp run -S train.method=qlora        # 4-bit base (bitsandbytes), LoRA on top
     dvc exp run -S train.method=full -S train.learning_rate=5e-4
+    dvc exp run -S distributed.nproc_per_node=2   # two processes (GPUs) on this node, PyTorch DDP
     python -m stages.train --prepared data/prepared --metrics metrics/train.json --history metrics/live
+    torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500 --nproc_per_node 8 -m stages.train ...
 
-Reads params `model`, `train`, `lora`, `quantization`, `tracking` and `prepare` (max_length: the row length of packed
-batches; template: saved as the tokenizer's chat template). Writes the adapter (or the full model) as safetensors,
-the tokenizer, generation_config.json and train_config.json (the resolved config, device and precision) to
-train.finetuned_dir; Trainer checkpoints to train.output_dir; --metrics (including non-padding tokens/s, the padding
-fraction, and mean/min/max/last of every tracked series under `summary`); and the step series through DVCLive, to
-train.output_dir/live while the run is in progress and to --history once it has finished (the DVC plots `loss`,
-`learning_rate`, `grad_norm`, `throughput`), and to MLflow and W&B when params `tracking` enables them. Method,
-quantization, device and precision are decided once, printed with the reason, and recorded in the metrics. Nothing
-of the last finished run's outputs is replaced before this run has finished training (finetune/training/run.py).
+Reads params `model`, `train`, `lora`, `quantization`, `tracking`, `prepare` (max_length: the row length of packed
+batches; template: saved as the tokenizer's chat template) and `distributed` (more than one process: they are
+started through torch.distributed.run, finetune/training/launch.py; a stage a launcher started trains as started).
+Writes the adapter (or the full model) as safetensors, the tokenizer, generation_config.json and train_config.json
+(the resolved config, device and precision) to train.finetuned_dir; Trainer checkpoints to train.output_dir;
+--metrics (including non-padding tokens/s, the padding fraction, and mean/min/max/last of every tracked series under
+`summary`); and the step series through DVCLive, to train.output_dir/live while the run is in progress and to
+--history once it has finished (the DVC plots `loss`, `learning_rate`, `grad_norm`, `throughput`), and to MLflow and
+W&B when params `tracking` enables them. Method, quantization, device and precision are decided once, printed with
+the reason, and recorded in the metrics. Nothing of the last finished run's outputs is replaced before this run has
+finished training (finetune/training/run.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from finetune.config.hardware import Hardware
@@ -27,9 +33,10 @@ from finetune.config.params import load_params
 from finetune.entrypoint import run_main
 from finetune.errors import StageError
 from finetune.training import ranks
+from finetune.training.launch import WORKER_ENV, die_with_parent, launch, launched
 from finetune.training.run import train
 
-SECTIONS = ["model", "train", "lora", "quantization", "tracking", "prepare"]  # of params.yaml, checked here
+SECTIONS = ["model", "train", "lora", "quantization", "tracking", "prepare", "distributed"]  # checked here
 
 
 def main() -> None:
@@ -38,8 +45,15 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--history", type=Path, required=True, help="the finished run's step series (DVCLive)")
     args = parser.parse_args()
+    if os.environ.get(WORKER_ENV):
+        die_with_parent()
     params = load_params(sections=SECTIONS, hardware=Hardware.detect(),
                          writes=("train.output_dir", "train.finetuned_dir"))
+    if params.distributed.nproc_per_node > 1 and not launched():
+        code = launch(params.distributed.nproc_per_node, "stages.train", sys.argv[1:])
+        if code:
+            raise StageError(f"the training processes stopped (exit status {code}); their errors are above")
+        return
     try:
         metrics = train(params, args.prepared, args.metrics, args.history)
     except KeyboardInterrupt:

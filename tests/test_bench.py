@@ -1,6 +1,7 @@
 """The benchmark commands run, and what they measure holds: equal loss packed and padded, identical generations."""
 
 import json
+import os
 
 import pytest
 
@@ -55,3 +56,14 @@ def test_bench_prepare_compares_with_tokenizing_alone(tmp_path):
     assert 0 < r["bytes_per_example"] < r["raw_jsonl_bytes_per_example"] * 4
     assert r["train_start"]["train_examples"] == 2550 and r["train_start"]["peak_mb"] > 0
     assert "prepare 3,000 examples vs tokenizing alone" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1", reason="starts training processes; RUN_MULTIPROCESS=1")
+def test_gpu_benchmark_measures_scaling_over_processes_at_toy_size(tmp_path):
+    out = tmp_path / "gpu.json"
+    gpu.main(["--toy", "--steps", "4", "--batch", "4", "--methods", "lora", "--processes", "1,2",
+              "--out", str(out)])
+    scaling = json.loads(out.read_text())["scaling"]
+    assert [r["processes"] for r in scaling] == [1, 2] and scaling[0]["efficiency"] == 1.0
+    assert scaling[1]["tokens_trained"] > scaling[0]["tokens_trained"]  # twice the examples a step
+    assert 0 < scaling[1]["efficiency"] and scaling[1]["tokens_per_second"] > 0

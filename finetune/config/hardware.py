@@ -24,7 +24,8 @@ class Hardware:
 
     def problems(self, params) -> list[str]:
         """What this machine cannot train or track as `params` (with train, quantization, tracking) ask."""
-        return hardware_problems(params.train, params.quantization, self) + tracking_problems(params.tracking, self)
+        return (hardware_problems(params.train, params.quantization, self) + tracking_problems(params.tracking, self)
+                + distributed_problems(params.distributed, self))
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -73,6 +74,15 @@ def hardware_problems(train: TrainParams, quant: QuantizationParams, hw: Hardwar
         if quant.bnb_4bit_compute_dtype == "bfloat16" and hw.cuda and not hw.cuda_bf16:
             out.append("quantization.bnb_4bit_compute_dtype: bfloat16 is not supported by this GPU; use float16")
     return out
+
+
+def distributed_problems(distributed, hw: Hardware) -> list[str]:
+    """Strategies this machine cannot run as asked: accelerate shards with FSDP only on accelerators; on CPU it
+    would run plain DDP without a word."""
+    if distributed is not None and distributed.strategy == "fsdp" and not hw.cuda:
+        return ["distributed.strategy: fsdp needs CUDA GPUs (accelerate shards only on accelerators, and on CPU "
+                "would silently replicate the model instead); use ddp here"]
+    return []
 
 
 def tracking_problems(tracking: TrackingParams, hw: Hardware) -> list[str]:

@@ -24,6 +24,7 @@ from finetune.config.schema import ParamsError, build, load_yaml, located
 
 if TYPE_CHECKING:
     from finetune.config.data import DataParams, PrepareParams
+    from finetune.config.distributed import DistributedParams
     from finetune.config.evaluate import EvaluateParams, ExportParams
     from finetune.config.hardware import Hardware
     from finetune.config.model import LoraParams, ModelParams, QuantizationParams
@@ -41,6 +42,7 @@ SECTIONS = {
     "evaluate": ("finetune.config.evaluate", "EvaluateParams"),
     "export": ("finetune.config.evaluate", "ExportParams"),
     "tracking": ("finetune.config.tracking", "TrackingParams"),
+    "distributed": ("finetune.config.distributed", "DistributedParams"),
 }
 
 
@@ -64,6 +66,7 @@ class Params:
     evaluate: EvaluateParams | None = None
     export: ExportParams | None = None
     tracking: TrackingParams | None = None
+    distributed: DistributedParams | None = None
 
     @classmethod
     def defaults(cls) -> Params:

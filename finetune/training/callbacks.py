@@ -15,7 +15,7 @@ from finetune.errors import StageError
 from finetune.io import write_json
 from finetune.outputs import file_digest, written_files
 from finetune.training.checkpoints import MARKER, latest_checkpoint
-from finetune.training.ranks import barrier, is_main
+from finetune.training.ranks import barrier, is_main, summed, world_size
 
 
 class StepTimer(TrainerCallback):
@@ -51,9 +51,12 @@ class DivergenceGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if args.fp16:
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # this process's gradients (under FSDP its shards: a DTensor's local part); a non-finite one anywhere stops
+        # every process, so none waits for the others at the next collective
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-        if not torch.isfinite(norm):
+        if summed(0.0 if torch.isfinite(norm) else 1.0)[0]:
             raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
 
 
@@ -101,7 +104,8 @@ class CheckpointMarker(TrainerCallback):
         if is_main() and path.is_dir():
             files = {name: {"size": (path / name).stat().st_size, "sha256": file_digest(path / name)}
                      for name in written_files(path) if name != MARKER}
-            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step, "files": files})
+            write_json(path / MARKER, {"fingerprint": self.fingerprint, "step": state.global_step,
+                                       "processes": world_size(), "files": files})
         barrier()  # no process goes on (and may stop) before the checkpoint is marked
 
 

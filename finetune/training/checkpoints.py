@@ -52,6 +52,8 @@ def fingerprint(params: Params, prepared_dir: Path, processes: int = 1) -> str:
         "code": {path.relative_to(package).as_posix(): file_digest(path) for path in code},
         "versions": versions(),
         "processes": processes,
+        "strategy": {k: v for k, v in as_dict(params.distributed).items() if k != "nproc_per_node"}
+        if params.distributed else None,
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
@@ -123,6 +125,21 @@ def prepare_output_dir(output_dir: Path, fingerprint: str) -> Path | None:
             shutil.rmtree(path)
     print(f"no checkpoint of this run in {output_dir}: starting fresh")
     clear_run(output_dir)
+    return None
+
+
+def other_world_size(output_dir: Path, params: Params, prepared_dir: Path, processes: int) -> str | None:
+    """Why the run cannot go on: its checkpoint was written by the same run on another number of processes, whose
+    effective batch (and data order) this one would change mid-run. None when there is no such checkpoint."""
+    if not output_dir.is_dir() or (output_dir / FINISHED).exists():
+        return None
+    for path in reversed(checkpoints(output_dir)):
+        marker = read_marker(path) or {}
+        theirs = marker.get("processes", processes)
+        if theirs != processes and marker.get("fingerprint") == fingerprint(params, prepared_dir, theirs):
+            return (f"{path} was written by this run on {theirs} processes, and this one has {processes}: the "
+                    f"effective batch would change mid-run. Resume it with distributed.nproc_per_node: {theirs} "
+                    f"(or the launcher's {theirs} processes), or delete {output_dir} to start over")
     return None
 
 

@@ -30,9 +30,23 @@ def choose_precision(train: TrainParams, cuda: bool) -> Precision:
     return Precision("cpu", "fp32", "no CUDA device: training on CPU in fp32")
 
 
-def training_arguments(train: TrainParams, precision: Precision):
+def fsdp_arguments(distributed, checkpointing: bool) -> dict:
+    """The Trainer's FSDP2 settings for params distributed.fsdp (strategy fsdp), else none. FSDP recomputes
+    activations itself (the Trainer's own checkpointing would gather every layer once more)."""
+    if distributed is None or distributed.strategy != "fsdp":
+        return {}
+    fsdp = distributed.fsdp
+    return {"fsdp": True, "fsdp_config": {
+        "version": 2, "reshard_after_forward": fsdp.sharding == "full_shard", "cpu_offload": fsdp.cpu_offload,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if fsdp.auto_wrap == "transformer_layer" else "SIZE_BASED_WRAP",
+        "min_num_params": fsdp.min_num_params, "activation_checkpointing": checkpointing,
+        "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict_type == "full" else "SHARDED_STATE_DICT"}}
+
+
+def training_arguments(train: TrainParams, precision: Precision, distributed=None):
     from transformers import TrainingArguments
 
+    fsdp = fsdp_arguments(distributed, train.checkpointing)
     return TrainingArguments(
         output_dir=train.output_dir,
         num_train_epochs=train.num_train_epochs,
@@ -52,7 +66,8 @@ def training_arguments(train: TrainParams, precision: Precision):
         save_total_limit=train.save_total_limit,
         fp16=precision.dtype == "fp16",
         bf16=precision.dtype == "bf16",
-        activation_checkpointing=train.checkpointing,
+        activation_checkpointing=train.checkpointing and not fsdp,
+        ddp_find_unused_parameters=False,  # every trained parameter gets a gradient: no extra graph traversal
         activation_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=train.dataloader_num_workers,
         seed=train.seed,
@@ -64,6 +79,7 @@ def training_arguments(train: TrainParams, precision: Precision):
         report_to=[],
         logging_nan_inf_filter=False,  # a NaN loss must show in the log, not be replaced by the running mean
         disable_tqdm=not sys.stderr.isatty(),  # in a log file, StepLog's one line per log instead of a bar
+        **fsdp,
     )
 
 

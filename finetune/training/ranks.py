@@ -44,3 +44,10 @@ def summed(*counts: float) -> list[float]:
     total = torch.tensor(counts, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(total)
     return total.tolist()
+
+
+def strategy(model) -> str:
+    """How the run shared the model, read from the model itself: fsdp (sharded parameters), ddp or single."""
+    if any(hasattr(p, "to_local") for p in model.parameters()):
+        return "fsdp"
+    return "ddp" if world_size() > 1 else "single"

@@ -32,7 +32,7 @@ from finetune.io import write_json
 from finetune.memory import check_plan, out_of_memory, plan_run, resident_mb
 from finetune.models import check_target_modules, fit_chat_tokens, load_base_model, load_tokenizer, lora_config
 from finetune.outputs import refuse_foreign, replacing
-from finetune.quantization import prepare_4bit_training, unpacked_4bit_layers
+from finetune.quantization import prepare_4bit_training, quantization_summary, unpacked_4bit_layers
 from finetune.tasks import task_for
 from finetune.tasks.causal_lm import token_counts
 from finetune.tracking import Tracking
@@ -51,6 +51,7 @@ from finetune.training.checkpoints import (
     LIVE_STAGING,
     fingerprint,
     load_finished_training,
+    other_world_size,
     prepare_output_dir,
     resumable,
     trained_through,
@@ -77,6 +78,8 @@ class TrainingRun:
                                        (self.history_dir, "live", str(self.history_dir))):
                 refuse_foreign(folder, kind, name)
         self.fingerprint = fingerprint(self.params, self.prepared_dir, ranks.world_size())
+        if problem := other_world_size(self.output_dir, self.params, self.prepared_dir, ranks.world_size()):
+            raise StageError(problem)  # every process finds it: none waits at a barrier for the others
         self.setup()  # may refuse: nothing changed
         resume = self.resume()
         tracking = Tracking(self.params, self.output_dir, resume_step(resume), self.staged_history) \
@@ -153,7 +156,7 @@ class TrainingRun:
         self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
         callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint)]
         self.trainer = guarded_trainer_class()(
-            model=model, args=training_arguments(train, precision), train_dataset=train_rows,
+            model=model, args=training_arguments(train, precision, params.distributed), train_dataset=train_rows,
             eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer,
             callbacks=callbacks + ([self.pruning] if self.pruning else []))
         self.trainer.token_batches = batches
@@ -185,6 +188,9 @@ class TrainingRun:
     def save(self, metrics: dict) -> None:
         """The fine-tuned model, then the step history, then the metrics, each swapped into place whole."""
         ranks.barrier()
+        # FSDP: every process gives its shards to the main process's full copy
+        self.state_dict = self.trainer.accelerator.get_state_dict(self.trainer.model) \
+            if self.trainer.is_fsdp_enabled else None
         if not self.main:
             return
         # again, before the first swap: files may have come while training
@@ -200,7 +206,7 @@ class TrainingRun:
         """The adapter (or, for full fine-tuning, the whole model) as safetensors, the tokenizer with what the task
         saves in it (the prompt template as its chat template), generation_config.json and the resolved config."""
         trainer, params, precision = self.trainer, self.params, self.precision
-        trainer.model.save_pretrained(folder)  # peft saves the adapter alone
+        trainer.model.save_pretrained(folder, state_dict=self.state_dict)  # peft saves the adapter alone
         tokenizer = trainer.processing_class
         generation = self.task.generation_defaults(trainer.model, tokenizer)
         if generation is not None:
@@ -211,6 +217,7 @@ class TrainingRun:
             "task": self.task.name, "model": as_dict(params.model), "train": as_dict(params.train),
             "lora": as_dict(params.lora), "quantization": as_dict(params.quantization), "device": precision.device,
             "precision": precision.dtype, "precision_reason": precision.reason, "processes": ranks.world_size(),
+            "strategy": ranks.strategy(trainer.model),
             "tokenizer_size": len(tokenizer), "chat": self.chat is not None, "versions": versions()})
 
     def finish(self) -> None:
@@ -238,6 +245,7 @@ class TrainingRun:
             "device": precision.device,
             "precision": precision.dtype,
             "processes": ranks.world_size(),
+            "strategy": ranks.strategy(trainer.model),
             "final_train_loss": round(train_losses[-1], 6) if train_losses else None,
             "best_eval_loss": round(min(eval_losses), 6),
             "final_eval_loss": round(eval_losses[-1], 6),
@@ -276,19 +284,10 @@ def load_split(prepared_dir: Path, name: str):
     return open_split(split_file(prepared_dir, name)).select_columns(["input_ids", "labels"])
 
 
-def quantization_summary(params: Params) -> str:
-    if params.train.method != "qlora":
-        return "none"
-    q = params.quantization
-    return (f"4-bit {q.bnb_4bit_quant_type}{' double-quant' if q.bnb_4bit_use_double_quant else ''}, "
-            f"{q.bnb_4bit_compute_dtype} compute")
-
-
 def trainable_parameters(model) -> tuple[int, int]:
     if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights at their unpacked size
         return model.get_nb_trainable_parameters()
     return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
 
 
 def trainer_for(params: Params, prepared_dir: Path, run_fingerprint: str = "setup-only"):
