@@ -92,6 +92,8 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
     (which keeps QLoRA's embeddings in fp32, as the train stage does)."""
     import torch
 
+    from finetune.models import training_dtype, upcasts_embeddings
+
     config = model.config.get_text_config()
     method, checkpointing = train.method, train.checkpointing
     half = precision in ("bf16", "fp16")
@@ -100,10 +102,8 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
     act = 2 if half and method != "qlora" else 4
     inputs, head = model.get_input_embeddings(), model.get_output_embeddings()
     edges = {id(p) for m in (inputs, head) if m is not None for p in m.parameters()}
-    base_trains = bool(lora.modules_to_save) or lora.bias != "none"
-    upcast = quantization.upcast_embeddings or base_trains or chat_tokens
-    frozen = BYTES[{"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")] \
-        if method == "lora" and not base_trains else 4
+    upcast = upcasts_embeddings(quantization, lora, chat_tokens)
+    frozen = BYTES[training_dtype(method, precision, lora, quantization)]  # the LoRA base's
     compute = BYTES[quantization.bnb_4bit_compute_dtype]
     weights = 0.0
     quantized_layers = 0

@@ -90,6 +90,28 @@ def inference_placement() -> str | None:
     return "auto" if torch.cuda.is_available() else None
 
 
+def training_dtype(method: str, precision: str, lora: LoraParams, quantization: QuantizationParams) -> str:
+    """The dtype the base loads in for training. A frozen LoRA base under autocast needs no fp32 copy; trained weights
+    (full fine-tuning, or base copies LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps
+    the adapter in fp32. QLoRA's unquantized layers load in the compute dtype (prepare_4bit_training upcasts)."""
+    if method == "qlora":
+        return quantization.bnb_4bit_compute_dtype
+    if method == "lora" and not base_trains(lora):
+        return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
+    return "float32"
+
+
+def base_trains(lora: LoraParams) -> bool:
+    """Whether LoRA trains weights of the base besides the adapter (modules_to_save, biases)."""
+    return bool(lora.modules_to_save) or lora.bias != "none"
+
+
+def upcasts_embeddings(quantization: QuantizationParams, lora: LoraParams, chat_tokens: bool) -> bool:
+    """Whether QLoRA's embeddings and output head go to fp32: when asked, or when something of the base trains
+    (modules_to_save, biases, the rows of tokens a chat template added)."""
+    return quantization.upcast_embeddings or base_trains(lora) or chat_tokens
+
+
 def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
                     model_class=None, device_map: str | None = None):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when

@@ -51,12 +51,15 @@ class DivergenceGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if args.fp16:
             return
-        # this process's gradients (under FSDP its shards: a DTensor's local part); a non-finite one anywhere stops
-        # every process, so none waits for the others at the next collective
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                 for p in model.parameters() if p.grad is not None]
+        # this process's gradients; under FSDP its shards (a DTensor's local part), where a non-finite one on any
+        # process must stop every process, so none waits for the others at the next collective (under DDP every
+        # process holds the same averaged gradients and comes to the same verdict alone)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        sharded = any(hasattr(g, "to_local") for g in grads)
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-        if summed(0.0 if torch.isfinite(norm) else 1.0)[0]:
+        bad = 0.0 if torch.isfinite(norm) else 1.0
+        if (summed(bad)[0] if sharded else bad):
             raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
 
 

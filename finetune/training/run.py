@@ -30,7 +30,15 @@ from finetune.data.prepared import open_split, read_meta, split_file
 from finetune.errors import StageError
 from finetune.io import write_json
 from finetune.memory import check_plan, out_of_memory, plan_run, resident_mb
-from finetune.models import check_target_modules, fit_chat_tokens, load_base_model, load_tokenizer, lora_config
+from finetune.models import (
+    check_target_modules,
+    fit_chat_tokens,
+    load_base_model,
+    load_tokenizer,
+    lora_config,
+    training_dtype,
+    upcasts_embeddings,
+)
 from finetune.outputs import refuse_foreign, replacing
 from finetune.quantization import prepare_4bit_training, quantization_summary, unpacked_4bit_layers
 from finetune.tasks import task_for
@@ -125,20 +133,13 @@ class TrainingRun:
                              bool(self.chat and self.chat["added_tokens"]))  # before any weight loads
         check_plan(self.plan, params, precision.device, self.main)
         self.resident_at_start = resident_mb()
-        # A frozen LoRA base under autocast needs no fp32 copy; trained weights (full fine-tuning, or base copies
-        # that LoRA trains: modules_to_save, biases) keep fp32 master weights, and peft keeps the adapter in fp32.
-        # QLoRA's unquantized layers load in the compute dtype; norms (and what is trained) are then upcast.
-        base_trains = bool(params.lora.modules_to_save) or params.lora.bias != "none"
-        frozen_dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.dtype, "float32") \
-            if method == "lora" and not base_trains else "float32"
-        if method == "qlora":
-            frozen_dtype = params.quantization.bnb_4bit_compute_dtype
+        frozen_dtype = training_dtype(method, precision.dtype, params.lora, params.quantization)
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
                                 self.task.model_class())
         new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":
-            prepare_4bit_training(model, params.quantization.upcast_embeddings or base_trains or bool(new_tokens))
+            prepare_4bit_training(model, upcasts_embeddings(params.quantization, params.lora, bool(new_tokens)))
             unpacked_4bit_layers(model)  # trainable layout, also after each validation
         self.base_memory_mb = model.get_memory_footprint() / 2**20
         if method in ("lora", "qlora"):
