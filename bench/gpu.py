@@ -5,6 +5,7 @@ estimate, in one table.
     python -m bench.gpu                  # on a CUDA machine, ~2-3 minutes
     python -m bench.gpu --toy            # a tiny model of the same family: runs anywhere, CPU included
     python -m bench.gpu --processes 1,2,4,8   # also DDP scaling on this node (default on GPUs: powers of two)
+    python -m bench.gpu --processes 1,2,4,8 --strategy fsdp   # the same with the model sharded (FSDP2)
 
 Mixed-length synthetic examples (64 to 512 tokens, the second half supervised) go through the same code as
 `dvc repro train`: finetune.training.run.trainer_for with the PackedCollator, the precision choice and
@@ -95,8 +96,9 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
                batch: int, row_length: int, packing: bool = True) -> dict:
     from finetune.batching import padding_fraction
     from finetune.memory import plan_run, resident_mb
+    from finetune.models import trainable_parameters
     from finetune.training.precision import peak_memory, reset_peak_memory
-    from finetune.training.run import trainable_parameters, trainer_for
+    from finetune.training.run import trainer_for
 
     p = copy.deepcopy(base_params)
     p.model.model_name = str(model_dir)
@@ -131,10 +133,11 @@ def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method:
 
 
 def scaling(model_dir: Path, prepared: Path, work: Path, counts: list[int], steps: int, batch: int,
-            row_length: int, bf16: bool) -> list[dict]:
+            row_length: int, bf16: bool, strategy: str = "ddp") -> list[dict]:
     """Tokens/s of the train stage itself (`python -m stages.train`, which starts its own workers) on 1, 2, ... N
-    processes of this node, DDP, LoRA, each process `batch` examples a step (the global batch grows with N), and the
-    efficiency against N times one process. On CPU the processes share the cores (OMP_NUM_THREADS = cores / N)."""
+    processes of this node, `strategy` (ddp or fsdp), LoRA, each process `batch` examples a step (the global batch
+    grows with N), and the efficiency against N times one process. On CPU the processes share the cores
+    (OMP_NUM_THREADS = cores / N)."""
     import yaml
 
     out = []
@@ -148,7 +151,7 @@ def scaling(model_dir: Path, prepared: Path, work: Path, counts: list[int], step
                                warmup_steps=2, learning_rate=2e-4, eval_steps=steps + 1, save_steps=steps + 1,
                                logging_steps=steps + 1)
         params["lora"].update(r=16, lora_alpha=32, target_modules="all-linear")
-        params["distributed"]["nproc_per_node"] = n
+        params["distributed"].update(nproc_per_node=n, strategy=strategy)
         (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         shutil.copy(ROOT / "dvc.yaml", run / "dvc.yaml")  # names the outputs the stage may replace
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the launcher shares the cores
@@ -158,7 +161,7 @@ def scaling(model_dir: Path, prepared: Path, work: Path, counts: list[int], step
         if done.returncode:
             raise RuntimeError(f"{n} processes: {done.stderr[-3000:]}")
         metrics = json.loads((run / "train.json").read_text())["training"]
-        out.append({"processes": n, "tokens_per_second": metrics["tokens_per_second"],
+        out.append({"processes": n, "strategy": metrics["strategy"], "tokens_per_second": metrics["tokens_per_second"],
                     "tokens_trained": metrics["tokens_trained"], "train_time_s": metrics["train_time_s"]})
         out[-1]["efficiency"] = round(out[-1]["tokens_per_second"] / (n * out[0]["tokens_per_second"]), 3)
         print(f"{n} processes: {metrics['tokens_per_second']:,.0f} tokens/s, efficiency {out[-1]['efficiency']:.0%}",
@@ -174,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=None, help="examples per step (default 32; toy 8)")
     parser.add_argument("--methods", default="lora,qlora")
-    parser.add_argument("--processes", help="also measure DDP scaling on this node, e.g. 1,2,4,8 (default: 1 and "
+    parser.add_argument("--processes", help="also measure scaling on this node, e.g. 1,2,4,8 (default: 1 and "
                         "every power of two up to the GPUs; none on CPU)")
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp", help="how --processes share the model")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/gpu_results.json")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         if counts and counts != [1]:
             print(f"scaling over {counts} processes...", file=sys.stderr)
             results["scaling"] = scaling(tmp / "model", tmp / "prepared", tmp, counts, args.steps, batch,
-                                         row_length, bf16=cuda)
+                                         row_length, bf16=cuda, strategy=args.strategy)
     rows = [("method", "tokens/s", "MFU (measured peak)", "MFU (vendor peak)", "peak memory MB", "plan MB",
              "peak / plan", "base weights MB", "filler")]
     for method in args.methods.split(","):
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     text = "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows)
     for r in results.get("scaling", []):
-        text += (f"\n{r['processes']} processes (DDP): {r['tokens_per_second']:,.0f} tokens/s, "
+        text += (f"\n{r['processes']} processes ({r['strategy']}): {r['tokens_per_second']:,.0f} tokens/s, "
                  f"{r['efficiency']:.0%} of {r['processes']} x one process")
     print(f"{results['model']} on {device}; measured bf16 matmul {peak / 1e12:.1f} TFLOP/s\n{text}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,8 @@ class Plan:
     def total(self) -> float:
         c = self.components
         training = sum(v for k, v in c.items() if k != "evaluation_logits")
-        evaluation = c["weights"] + c["trainable_params"] + c["optimizer_states"] + c["evaluation_logits"]
+        evaluation = c["weights"] + c["trainable_params"] + c["optimizer_states"] + c["evaluation_logits"] \
+            + c.get("fsdp_gathered", 0)
         return max(training, evaluation)
 
     def summary_mb(self) -> dict[str, float]:
@@ -61,6 +62,18 @@ class Plan:
                          + ("fits" if self.fits(available) else "does NOT fit")
                          + f" ({HEADROOM - 1:.0%} headroom)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def sharded(self, processes: int, layers: int, fsdp) -> Plan:
+        """One process's plan when FSDP (params distributed.fsdp) shards the weights and the trained state over
+        `processes`: a share of each, plus the whole units it gathers to compute with: the decoder layer in use and
+        the next, prefetched (full_shard), or every unit from the forward pass through the backward (shard_grad_op)."""
+        c = dict(self.components)
+        unit = c["weights"] / layers if fsdp.auto_wrap == "transformer_layer" else c["weights"]
+        gathered = min(2 * unit, c["weights"]) if fsdp.sharding == "full_shard" else c["weights"]
+        for k in ("weights", "trainable_params", "gradients", "optimizer_states"):
+            c[k] /= processes
+        c["fsdp_gathered"] = gathered
+        return Plan(c, self.tokens, self.checkpointing, self.notes + [f"FSDP shards over {processes} processes"])
 
     def fits(self, available: float) -> bool:
         return self.total * HEADROOM <= available
@@ -183,9 +196,11 @@ def adapter_parameters(model, lora, head) -> int:
     return count
 
 
-def plan_run(params, precision: str, model_class=None, tokenizer_size: int = 0, chat_tokens: bool = False) -> Plan:
-    """The plan for training as `params` say (model, train, lora, quantization, prepare), from the model's config
-    alone; `tokenizer_size` and `chat_tokens` as a chat template left the tokenizer."""
+def plan_run(params, precision: str, model_class=None, tokenizer_size: int = 0, chat_tokens: bool = False,
+             processes: int = 1) -> Plan:
+    """The plan for one of `processes` training as `params` say (model, train, lora, quantization, prepare,
+    distributed), from the model's config alone; `tokenizer_size` and `chat_tokens` as a chat template left the
+    tokenizer."""
     from transformers import AutoConfig
 
     from finetune.models import fetching, refuse_remote_code
@@ -197,10 +212,19 @@ def plan_run(params, precision: str, model_class=None, tokenizer_size: int = 0, 
                                             trust_remote_code=model.trust_remote_code)
     shape = skeleton(config, model_class, model.trust_remote_code)
     rows = shape.get_input_embeddings().weight.shape[0]
-    return estimate(shape, params.train, params.lora, params.quantization,
+    plan = estimate(shape, params.train, params.lora, params.quantization,
                     micro_batch_tokens(params.train, params.prepare),
                     params.train.per_device_eval_batch_size * params.prepare.max_length, precision,
                     max(0, tokenizer_size - rows), chat_tokens)
+    return for_processes(plan, params, processes, config)
+
+
+def for_processes(plan: Plan, params, processes: int, config) -> Plan:
+    """The plan of each of `processes`: the same under DDP (each holds a replica), sharded under FSDP."""
+    distributed = getattr(params, "distributed", None)
+    if processes == 1 or distributed is None or distributed.strategy != "fsdp":
+        return plan
+    return plan.sharded(processes, config.get_text_config().num_hidden_layers, distributed.fsdp)
 
 
 def check_plan(plan: Plan, params, device: str, main: bool = True) -> None:
@@ -266,24 +290,3 @@ def resident_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def out_of_memory(params, plan: Plan, output_dir) -> Exception:
-    """A CUDA out-of-memory error in training as one message naming the knobs, not a traceback."""
-    import torch
-
-    from finetune.errors import StageError
-    from finetune.training.checkpoints import latest_checkpoint
-
-    train = params.train
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    budget = train.max_tokens_per_batch or f"null (up to {micro_batch_tokens(train, params.prepare)})"
-    last = latest_checkpoint(output_dir)
-    return StageError(
-        f"out of GPU memory while training (peak {peak:.1f} GiB allocated; the memory plan estimated "
-        f"{plan.total / 2**30:.1f} GiB). Each of these lowers the memory of a step: train.max_tokens_per_batch "
-        f"(now {budget}) or train.per_device_train_batch_size (now {train.per_device_train_batch_size}) with more "
-        f"train.gradient_accumulation_steps (now {train.gradient_accumulation_steps}) to keep the batch; "
-        f"train.gradient_checkpointing: true (now {'on' if train.checkpointing else 'off'}); prepare.max_length "
-        f"(now {params.prepare.max_length}); train.method: qlora (now {train.method}). "
-        + (f"Rerunning resumes from {last}." if last else "No checkpoint was written yet."))

@@ -113,13 +113,13 @@ def upcasts_embeddings(quantization: QuantizationParams, lora: LoraParams, chat_
 
 
 def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
-                    model_class=None, device_map: str | None = None):
+                    model_class=None, device_map: str | None = None, sharded: bool = False):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
     `quantization` is given (QLoRA; its layers that stay unquantized in `dtype`), else in `dtype`: float32 unless
     the weights stay frozen under mixed precision (LoRA with bf16/fp16), where half-size weights halve the memory
     and autocast computes in that dtype anyway. `model_class` is the task's Auto class (a causal LM when not given);
     `device_map` places an unquantized model as it loads (the quantized one goes where quantization.device_map
-    says)."""
+    says); `sharded`: FSDP is to shard it (quantization_config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +127,8 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     refuse_remote_code(model)
     kwargs = {"device_map": device_map} if device_map else {}
     if quantization is not None:
-        kwargs = {"quantization_config": quantization_config(quantization), "device_map": quantization.device_map}
+        kwargs = {"quantization_config": quantization_config(quantization, sharded),
+                  "device_map": quantization.device_map}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of several: its 4-bit model on its own device
             local = int(os.environ.get("LOCAL_RANK", "0"))
             kwargs["device_map"] = {"": local if torch.cuda.is_available() else "cpu"}
@@ -274,3 +275,9 @@ def check_target_modules(model, lora, model_name: str) -> None:
         if missing:
             raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
                              f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights at their unpacked size
+        return model.get_nb_trainable_parameters()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())

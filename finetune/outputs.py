@@ -45,7 +45,9 @@ KNOWN_FILES = {
                   r"|model\.safetensors\.index\.json|config\.json|generation_config\.json|optimizer\.pt|scheduler\.pt"
                   r"|scaler\.pt|rng_state(_\d+)?\.pth|trainer_state\.json|training_args\.bin|tokenizer\.json"
                   r"|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
-                  r"|README\.md|vocab\.json|merges\.txt|tokenizer\.model",
+                  r"|README\.md|vocab\.json|merges\.txt|tokenizer\.model"
+                  # FSDP: the gathered model and optimizer, or each process's shards (torch.distributed.checkpoint)
+                  r"|(pytorch_model_fsdp|optimizer)(_\d+)?\.bin|(pytorch_model_fsdp|optimizer)_\d+/(\.metadata|__\d+_\d+\.distcp)",
 }
 _CHECKPOINT = re.compile(r"(corrupt-|tmp-)?checkpoint-(\d+)(\.\d+)?")
 _RUN_FILES = {MARKER, "FINISHED", "tracking.json"}

@@ -10,15 +10,18 @@ if TYPE_CHECKING:
     from finetune.config.params import Params
 
 
-def quantization_config(quant: QuantizationParams):
-    """params.quantization -> transformers' BitsAndBytesConfig (4-bit)."""
+def quantization_config(quant: QuantizationParams, sharded: bool = False):
+    """params.quantization -> transformers' BitsAndBytesConfig (4-bit). `sharded`: the model is to be sharded by
+    FSDP, which shards only floating-point tensors: the packed 4-bit weights are stored in the compute dtype (the
+    same bytes, viewed as floats) so that they are sharded too, instead of replicated on every process."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    compute = getattr(torch, quant.bnb_4bit_compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype))
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type, bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute if sharded else torch.uint8)
 
 
 def unpacked_4bit_layers(model, all_layers: bool = True) -> None:

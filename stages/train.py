@@ -5,6 +5,7 @@
     dvc exp run -S train.method=qlora        # 4-bit base (bitsandbytes), LoRA on top
     dvc exp run -S train.method=full -S train.learning_rate=5e-4
     dvc exp run -S distributed.nproc_per_node=2   # two processes (GPUs) on this node, PyTorch DDP
+    dvc exp run -S distributed.nproc_per_node=8 -S distributed.strategy=fsdp   # the model sharded over 8 (FSDP2)
     python -m stages.train --prepared data/prepared --metrics metrics/train.json --history metrics/live
     torchrun --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500 --nproc_per_node 8 -m stages.train ...
 

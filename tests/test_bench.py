@@ -59,11 +59,13 @@ def test_bench_prepare_compares_with_tokenizing_alone(tmp_path):
 
 
 @pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1", reason="starts training processes; RUN_MULTIPROCESS=1")
-def test_gpu_benchmark_measures_scaling_over_processes_at_toy_size(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_gpu_benchmark_measures_scaling_over_processes_at_toy_size(tmp_path, strategy):
     out = tmp_path / "gpu.json"
     gpu.main(["--toy", "--steps", "4", "--batch", "4", "--methods", "lora", "--processes", "1,2",
-              "--out", str(out)])
+              "--strategy", strategy, "--out", str(out)])
     scaling = json.loads(out.read_text())["scaling"]
     assert [r["processes"] for r in scaling] == [1, 2] and scaling[0]["efficiency"] == 1.0
+    assert [r["strategy"] for r in scaling] == ["single", strategy]
     assert scaling[1]["tokens_trained"] > scaling[0]["tokens_trained"]  # twice the examples a step
     assert 0 < scaling[1]["efficiency"] and scaling[1]["tokens_per_second"] > 0

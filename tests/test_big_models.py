@@ -44,8 +44,8 @@ def use(workdir, **sections) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def plan_command(config_dir, *overrides: str) -> tuple[int, dict]:
-    command = [sys.executable, "-m", "tools.memory_plan", "--config", str(config_dir), "--memory-gib", "24",
+def plan_command(config_dir, *overrides: str, memory_gib: int = 24) -> tuple[int, dict]:
+    command = [sys.executable, "-m", "tools.memory_plan", "--config", str(config_dir), "--memory-gib", str(memory_gib),
                "--json", "-S", "prepare.max_length=2048", "-S", "train.per_device_eval_batch_size=1",
                "-S", "train.max_tokens_per_batch=2048"]
     for override in overrides:
@@ -76,6 +76,24 @@ def test_memory_plan_of_7b_shapes_qlora_fits_24gb_and_full_fp16_does_not(tmp_pat
     assert code == 1 and not full["fits"]
     assert full["optimizer_states_mb"] == pytest.approx(2 * full["weights_mb"], rel=1e-3)  # fp32 masters, AdamW
     assert full["total_mb"] > 100 * 1024
+
+
+def test_memory_plan_of_fsdp_gives_each_process_its_share_and_the_layers_it_gathers(tmp_path):
+    """Full fine-tuning of a 7B model does not fit one 80 GB GPU; sharded by FSDP over 8 it does: each process holds
+    an eighth of the weights, gradients and AdamW's moments, plus the two decoder layers it has gathered (the one
+    in use and the next). DDP over 8 keeps a whole replica on each."""
+    (tmp_path / "config.json").write_text(json.dumps(SHAPES["llama-2-7b"]))
+    run = ("train.method=full", "train.bf16=true", "distributed.nproc_per_node=8")
+    code, one = plan_command(tmp_path, *run[:2], memory_gib=80)
+    assert code == 1
+    code, ddp = plan_command(tmp_path, *run, "distributed.strategy=ddp", memory_gib=80)
+    assert code == 1 and ddp["total_mb"] == one["total_mb"]
+    code, fsdp = plan_command(tmp_path, *run, "distributed.strategy=fsdp", memory_gib=80)
+    assert code == 0 and fsdp["fits"]
+    for part in ("weights", "gradients", "optimizer_states"):
+        assert fsdp[f"{part}_mb"] == pytest.approx(one[f"{part}_mb"] / 8, rel=1e-3)
+    assert fsdp["fsdp_gathered_mb"] == pytest.approx(one["weights_mb"] * 2 / 32, rel=1e-3)
+    assert fsdp["activations_mb"] == one["activations_mb"]  # each process computes its own micro-batch
 
 
 def test_memory_plan_command_reads_params_and_explains(tmp_path):

@@ -1,6 +1,6 @@
 """Several training processes on PyTorch's own engine (gloo on CPU, one thread each): the train stage starting its
-workers itself, one writer per file, the arithmetic of one process at the same global batch, kill and resume. (FSDP
-needs GPUs: on CPU it is refused, tests/test_params.py.) Each test starts several training processes:
+workers itself, one writer per file, the arithmetic of one process at the same global batch, kill and resume, and
+FSDP2 sharding the model over them (LoRA and QLoRA). Each test starts several training processes:
 RUN_MULTIPROCESS=1 (.ci/run sets it)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_prepare, stage_arguments
+from conftest import ROOT, run_evaluate, run_prepare, stage_arguments
 
 from finetune.config.params import load_params
 
@@ -106,6 +106,7 @@ def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(p
     done = train(prepared, env)
     assert done.returncode == 0, done.stderr[-3000:]
     one, one_metrics = losses(prepared), json.loads((prepared / "metrics/train.json").read_text())["training"]
+    one_eval, one_predictions = run_evaluate(load_params(), "finetuned")  # evaluate is one process, as in dvc.yaml
 
     use(prepared, train={"per_device_train_batch_size": 8}, distributed={"nproc_per_node": 2})  # 2 x 8
     for attempt in range(3):  # the same run again: no flaky start, rendezvous or save
@@ -125,6 +126,13 @@ def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(p
         assert len(set.union(*files.values())) == 1  # one process wrote every file: the main one
     config = json.loads((prepared / "models/finetuned/train_config.json").read_text())
     assert config["processes"] == 2 and config["strategy"] == "ddp"
+    # the adapter two processes trained evaluates as the one one process trained
+    two_eval, two_predictions = run_evaluate(load_params(), "finetuned")
+    assert [r["prediction"] for r in two_predictions] == [r["prediction"] for r in one_predictions]
+    timing = ("seconds", "per_second", "_s")
+    for key, value in one_eval.items():
+        if isinstance(value, float) and not any(t in key for t in timing):
+            assert two_eval[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_killed_two_process_run_resumes_to_the_same_adapter(prepared, tmp_path):
@@ -193,7 +201,7 @@ def test_dvc_exp_run_with_two_processes(dvc_repo):
     assert "two-processes" in json.dumps(shown)
 
 
-def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device(prepared, tmp_path):
+def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device_and_fsdp_shards_it(prepared, tmp_path):
     """accelerate refuses device_map auto in a multi-process run: each process loads its 4-bit model onto its
     own device."""
     use(prepared, train={"method": "qlora"}, quantization={"bnb_4bit_compute_dtype": "float32"},
@@ -202,3 +210,87 @@ def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device(prepare
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((prepared / "metrics/train.json").read_text())["training"]
     assert metrics["processes"] == 2 and metrics["quantization"].startswith("4-bit") and metrics["steps"] == 6
+    ddp = losses(prepared)
+
+    # FSDP shards the 4-bit weights too (stored as floats: FSDP shards floating-point tensors only)
+    use(prepared, distributed={"strategy": "fsdp"})
+    done = train(prepared, environment(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Excluding from FSDP2 sharding" not in done.stderr
+    metrics = json.loads((prepared / "metrics/train.json").read_text())["training"]
+    assert metrics["strategy"] == "fsdp" and metrics["parameter_share_per_process"] < 0.6
+    fsdp = losses(prepared)
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(fsdp, ddp, strict=True)), (fsdp, ddp)
+
+
+
+def adapter(workdir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(workdir / "models/finetuned/adapter_model.safetensors")
+
+
+def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepared, tmp_path):
+    """FSDP2 (fully_shard over gloo): the same losses as DDP, the base weights sharded (each process holds about
+    half), one writer per file, an adapter that PEFT loads, and a resume from its sharded checkpoint."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    env = environment(tmp_path)
+    use(prepared, train={"max_steps": 5, "save_steps": 3}, distributed={"nproc_per_node": 2})
+    done = train(prepared, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp, ddp_metrics, ddp_adapter = losses(prepared), json.loads((prepared / "metrics/train.json").read_text()), \
+        adapter(prepared)
+    assert ddp_metrics["training"]["parameter_share_per_process"] == 1.0
+
+    (tmp_path / "writes.log").unlink(missing_ok=True)
+    use(prepared, distributed={"strategy": "fsdp", "fsdp": {"state_dict_type": "sharded"}})
+    done = train(prepared, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fsdp, metrics = losses(prepared), json.loads((prepared / "metrics/train.json").read_text())["training"]
+    assert metrics["strategy"] == "fsdp" and metrics["processes"] == 2
+    assert metrics["parameter_share_per_process"] < 0.6  # the base's weights are split between the two
+    assert len(fsdp) == len(ddp) == 5
+    assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(fsdp, ddp, strict=True)), (fsdp, ddp)
+    assert metrics["tokens_trained"] == ddp_metrics["training"]["tokens_trained"]
+    shards = sorted(p.name for p in (prepared / "models/checkpoints/checkpoint-5").rglob("*.distcp"))
+    assert len(shards) >= 2  # one file of shards per process
+    files = writers(tmp_path / "writes.log", prepared)
+    assert files and all(len(pids) == 1 for pids in files.values())
+    main = next(iter(pids for path, pids in files.items() if "/.train.json." in path))
+    # the main process wrote every file but the other process's own shards of the sharded checkpoints
+    others = sorted(Path(path).name for path, pids in files.items() if pids != main)
+    assert others and all(name == "__1_0.distcp" for name in others), others
+
+    trained = adapter(prepared)
+    assert trained.keys() == ddp_adapter.keys()
+    assert all(torch.allclose(trained[k], ddp_adapter[k], rtol=1e-3, atol=1e-6) for k in trained)
+    config = json.loads((prepared / "models/finetuned/train_config.json").read_text())
+    assert config["strategy"] == "fsdp" and config["distributed"]["fsdp"]["state_dict_type"] == "sharded"
+    base = AutoModelForCausalLM.from_pretrained(config["model"]["model_name"])
+    model = PeftModel.from_pretrained(base, prepared / "models/finetuned")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(trained) and all(
+        torch.equal(loaded[k.replace(".weight", ".default.weight")], v) for k, v in trained.items())
+
+    uninterrupted = adapter_hash(prepared)
+    subprocess.run(["rm", "-rf", "models/checkpoints/checkpoint-5", "models/checkpoints/FINISHED"], cwd=prepared)
+    done = train(prepared, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("resuming from models/checkpoints/checkpoint-3") == 1  # the main process says it
+    assert adapter_hash(prepared) == uninterrupted
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_divergence_stops_every_process_together(prepared, tmp_path, strategy):
+    """A non-finite gradient stops both processes at the same step (under FSDP each sees only its shards, and the
+    verdict is shared): the stage ends with the message instead of one process waiting for the other forever."""
+    use(prepared, train={"learning_rate": 1e6, "max_steps": 30, "save_steps": 2},
+        distributed={"nproc_per_node": 2, "strategy": strategy})
+    done = train(prepared, environment(tmp_path))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.count("training diverged at step") >= 2  # each process's own error, then the stage's
+    assert "the training processes stopped" in done.stderr
+    assert not (prepared / "models/finetuned").exists() and not (prepared / "metrics/train.json").exists()

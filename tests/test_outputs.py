@@ -87,6 +87,22 @@ def test_checkpoints_are_ours_only_with_what_their_markers_list(tmp_path):
     assert outputs.foreign_entries(folder, "checkpoints") == ["checkpoint-2", "checkpoint-3"]
 
 
+def test_an_fsdp_checkpoint_killed_while_written_is_ours(tmp_path):
+    """FSDP's checkpoint files: the gathered model and optimizer, or each process's shards in
+    torch.distributed.checkpoint's folders; an unmarked newest one is the run's, to be cleared or replaced."""
+    folder = tmp_path / "models/checkpoints"
+    outputs.claim(folder, "train.output_dir")
+    checkpoint(folder, 3, {"pytorch_model_fsdp.bin": "m", "optimizer.bin": "o", "rng_state_1.pth": "r"})
+    checkpoint(folder, 6, {}, marked=False)
+    for name in ("pytorch_model_fsdp_0", "optimizer_0"):
+        (folder / "checkpoint-6" / name).mkdir()
+        for part in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+            (folder / "checkpoint-6" / name / part).write_text("shard")
+    assert outputs.foreign_entries(folder, "checkpoints") == []
+    (folder / "checkpoint-6/optimizer_0/notes.txt").write_text("mine")
+    assert outputs.foreign_entries(folder, "checkpoints") == ["checkpoint-6"]
+
+
 def test_checkpoints_in_a_folder_the_stage_never_marked_are_not_ours(tmp_path):
     folder = tmp_path / "runs/elsewhere"
     checkpoint(folder, 500, {"optimizer.pt": "o", "trainer_state.json": "{}"}, marked=False)

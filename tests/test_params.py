@@ -106,7 +106,8 @@ OLD_GPU = Hardware(cuda=True, cuda_bf16=False, bitsandbytes=True)
     ("train:\n  method: qlora\n", OLD_GPU, "quantization.bnb_4bit_compute_dtype: bfloat16 is not supported"),
     ("train:\n  method: qlora\n", Hardware(cuda=False, cuda_bf16=False, bitsandbytes=False),
      "qlora needs bitsandbytes"),
-    ("distributed:\n  strategy: fsdp\n", CPU, "distributed.strategy: fsdp needs CUDA GPUs"),
+    ("distributed:\n  strategy: fsdp\n  fsdp: {cpu_offload: true}\n", CPU,
+     "distributed.fsdp.cpu_offload: true needs CUDA GPUs"),
 ])
 def test_requests_the_hardware_cannot_do_are_refused(text, hardware, expected):
     with pytest.raises(ParamsError) as err:

@@ -6,6 +6,8 @@ downloaded or loaded.
     python -m tools.memory_plan -S model.model_name=Qwen/Qwen2.5-7B -S train.method=qlora -S lora.r=16 \
         -S train.max_tokens_per_batch=2048 --memory-gib 24   # will Qwen2.5-7B QLoRA r=16 fit in 24 GB?
     python -m tools.memory_plan --config path/to/config.json -S train.method=full -S train.fp16=true --memory-gib 80
+    python -m tools.memory_plan -S model.model_name=meta-llama/Llama-3.1-70B -S train.method=qlora \
+        -S distributed.strategy=fsdp -S distributed.nproc_per_node=8 --memory-gib 80   # each of 8 GPUs' share
     python -m tools.memory_plan --json ...           # the components as JSON, as metrics/train.json records them
 
 `-S section.key=value` overrides params.yaml as `dvc exp run -S` does (the value is YAML), and is validated like
@@ -26,9 +28,18 @@ import yaml
 from finetune.config.params import PARAMS_FILE, parse_params
 from finetune.config.schema import ParamsError
 from finetune.entrypoint import run_main
-from finetune.memory import advice, available_memory, estimate, micro_batch_tokens, plan_run, size, skeleton
+from finetune.memory import (
+    advice,
+    available_memory,
+    estimate,
+    for_processes,
+    micro_batch_tokens,
+    plan_run,
+    size,
+    skeleton,
+)
 
-SECTIONS = ["model", "train", "lora", "quantization", "prepare"]
+SECTIONS = ["model", "train", "lora", "quantization", "prepare", "distributed"]
 
 
 def overridden(text: str, overrides: list[str]) -> str:
@@ -51,23 +62,29 @@ def main() -> None:
     parser.add_argument("--memory-gib", type=float,
                         help="the memory to plan for, in GiB as GPUs are sized (a 24 GB card: 24); "
                         "default: this machine's free GPU memory, or its available RAM")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="nodes of distributed.nproc_per_node processes each (FSDP shards over all of them)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args()
+    if args.nodes < 1:
+        raise ParamsError([f"--nodes {args.nodes}: must be at least 1"])
     if not args.params.exists():
         raise ParamsError([f"{args.params}: not found (run from the repository root, or give --params)"])
     params = parse_params(overridden(args.params.read_text(encoding="utf-8"), args.overrides),
                           source=str(args.params), sections=SECTIONS)
     train = params.train
     precision = "fp16" if train.fp16 else "bf16" if train.bf16 else "fp32"
+    processes = args.nodes * params.distributed.nproc_per_node  # FSDP shards over all of them
     if args.config:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(args.config.parent if args.config.name == "config.json" else args.config)
-        plan = estimate(skeleton(config), train, params.lora, params.quantization,
-                        micro_batch_tokens(train, params.prepare),
-                        train.per_device_eval_batch_size * params.prepare.max_length, precision)
+        plan = for_processes(estimate(skeleton(config), train, params.lora, params.quantization,
+                                      micro_batch_tokens(train, params.prepare),
+                                      train.per_device_eval_batch_size * params.prepare.max_length, precision),
+                             params, processes, config)
     else:
-        plan = plan_run(params, precision)
+        plan = plan_run(params, precision, processes=processes)
     if args.memory_gib is not None:
         available, where = args.memory_gib * 2**30, f" ({args.memory_gib:g} GiB)"
     else:

@@ -8,18 +8,14 @@ from typing import Literal
 
 @dataclass
 class FsdpParams:
-    """PyTorch's FSDP2 (fully_shard) through accelerate, used when strategy is fsdp."""
+    """PyTorch's FSDP2 (fully_shard) through accelerate, used when strategy is fsdp (CUDA, or gloo on CPU)."""
     # full_shard: parameters gathered for each use, then resharded | shard_grad_op: kept gathered from the forward
     # pass through the backward pass (one all-gather less, more memory)
     sharding: Literal["full_shard", "shard_grad_op"] = "full_shard"
-    auto_wrap: Literal["transformer_layer", "size"] = "transformer_layer"  # one unit per decoder layer, or by size
-    min_num_params: int = 100_000_000  # auto_wrap: size: parameters per unit
+    # transformer_layer: one unit per decoder layer (gathered one at a time) | none: the whole model one unit
+    auto_wrap: Literal["transformer_layer", "none"] = "transformer_layer"
     cpu_offload: bool = False  # parameters and gradients in CPU memory between uses: slower, fits bigger models
     state_dict_type: Literal["full", "sharded"] = "full"  # checkpoints: gathered on the main process, or per shard
-
-    def problems(self) -> list[str]:
-        return [] if self.min_num_params >= 1 else [
-            f"distributed.fsdp.min_num_params: {self.min_num_params} must be at least 1"]
 
 
 @dataclass

@@ -77,11 +77,11 @@ def hardware_problems(train: TrainParams, quant: QuantizationParams, hw: Hardwar
 
 
 def distributed_problems(distributed, hw: Hardware) -> list[str]:
-    """Strategies this machine cannot run as asked: accelerate shards with FSDP only on accelerators; on CPU it
-    would run plain DDP without a word."""
-    if distributed is not None and distributed.strategy == "fsdp" and not hw.cuda:
-        return ["distributed.strategy: fsdp needs CUDA GPUs (accelerate shards only on accelerators, and on CPU "
-                "would silently replicate the model instead); use ddp here"]
+    """Strategies this machine cannot run as asked: FSDP's CPU offload moves parameters off the GPU, and without
+    one there is nowhere to move them from."""
+    if distributed is not None and distributed.strategy == "fsdp" and distributed.fsdp.cpu_offload and not hw.cuda:
+        return ["distributed.fsdp.cpu_offload: true needs CUDA GPUs (it keeps parameters in CPU memory between "
+                "uses on the GPU; without a GPU they are there already); set it false"]
     return []
 
 

@@ -123,6 +123,23 @@ def guarded_trainer_class():
         tokens_real = 0
         token_batches = None  # a TokenBudgetBatches (train.max_tokens_per_batch), else batches of a fixed size
 
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            from accelerate.state import PartialState
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            state = self.accelerator.state
+            if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+                return
+            # accelerate turns FSDP on for accelerators only and on CPU would replicate the model without a word;
+            # FSDP2's fully_shard itself shards over gloo on CPU, so the run takes the FSDP path as on GPUs
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.fsdp_plugin, state.distributed_type = plugin, DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
         def _run_epoch(self, model, epoch, *args, **kwargs):
             # the Trainer's own set_epoch does not reach a batch sampler behind accelerate's shard and skip wrappers
             if self.token_batches is not None:

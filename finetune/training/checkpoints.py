@@ -63,6 +63,10 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else None
+
+
 def read_marker(checkpoint: Path) -> dict | None:
     try:
         return json.loads((checkpoint / MARKER).read_text(encoding="utf-8"))

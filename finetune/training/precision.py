@@ -30,23 +30,26 @@ def choose_precision(train: TrainParams, cuda: bool) -> Precision:
     return Precision("cpu", "fp32", "no CUDA device: training on CPU in fp32")
 
 
-def fsdp_arguments(distributed, checkpointing: bool) -> dict:
-    """The Trainer's FSDP2 settings for params distributed.fsdp (strategy fsdp), else none. FSDP recomputes
-    activations itself (the Trainer's own checkpointing would gather every layer once more)."""
-    if distributed is None or distributed.strategy != "fsdp":
+def fsdp_arguments(distributed, checkpointing: bool, processes: int) -> dict:
+    """The Trainer's FSDP2 settings for params distributed.fsdp (strategy fsdp, on more than one process: alone, a
+    process has nothing to shard with), else none. FSDP recomputes activations itself (the Trainer's own
+    checkpointing would gather every layer once more)."""
+    if distributed is None or distributed.strategy != "fsdp" or processes < 2:
         return {}
     fsdp = distributed.fsdp
     return {"fsdp": True, "fsdp_config": {
         "version": 2, "reshard_after_forward": fsdp.sharding == "full_shard", "cpu_offload": fsdp.cpu_offload,
-        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if fsdp.auto_wrap == "transformer_layer" else "SIZE_BASED_WRAP",
-        "min_num_params": fsdp.min_num_params, "activation_checkpointing": checkpointing,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if fsdp.auto_wrap == "transformer_layer" else "NO_WRAP",
+        "activation_checkpointing": checkpointing,
         "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict_type == "full" else "SHARDED_STATE_DICT"}}
 
 
 def training_arguments(train: TrainParams, precision: Precision, distributed=None):
     from transformers import TrainingArguments
 
-    fsdp = fsdp_arguments(distributed, train.checkpointing)
+    from finetune.training.ranks import world_size
+
+    fsdp = fsdp_arguments(distributed, train.checkpointing, world_size())
     return TrainingArguments(
         output_dir=train.output_dir,
         num_train_epochs=train.num_train_epochs,
@@ -115,3 +118,25 @@ def peak_memory(device: str, resident_at_start: float | None = None, kind: str |
     if device == "cpu" and resident_at_start is not None:
         out["peak_memory_above_start_mb"] = round(peak - resident_at_start, 1)
     return out
+
+
+def out_of_memory(params, plan, output_dir) -> Exception:
+    """A CUDA out-of-memory error in training as one message naming the knobs, not a traceback."""
+    import torch
+
+    from finetune.errors import StageError
+    from finetune.memory import micro_batch_tokens
+    from finetune.training.checkpoints import latest_checkpoint
+
+    train = params.train
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    budget = train.max_tokens_per_batch or f"null (up to {micro_batch_tokens(train, params.prepare)})"
+    last = latest_checkpoint(output_dir)
+    return StageError(
+        f"out of GPU memory while training (peak {peak:.1f} GiB allocated; the memory plan estimated "
+        f"{plan.total / 2**30:.1f} GiB). Each of these lowers the memory of a step: train.max_tokens_per_batch "
+        f"(now {budget}) or train.per_device_train_batch_size (now {train.per_device_train_batch_size}) with more "
+        f"train.gradient_accumulation_steps (now {train.gradient_accumulation_steps}) to keep the batch; "
+        f"train.gradient_checkpointing: true (now {'on' if train.checkpointing else 'off'}); prepare.max_length "
+        f"(now {params.prepare.max_length}); train.method: qlora (now {train.method}). "
+        + (f"Rerunning resumes from {last}." if last else "No checkpoint was written yet."))

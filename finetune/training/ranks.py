@@ -51,3 +51,14 @@ def strategy(model) -> str:
     if any(hasattr(p, "to_local") for p in model.parameters()):
         return "fsdp"
     return "ddp" if world_size() > 1 else "single"
+
+
+def parameter_share(model) -> float:
+    """The fraction of the model's parameter bytes this process holds: 1 for a replica, about 1/N when FSDP has
+    sharded them over N processes (what the strategy saves, measured on the model itself)."""
+    held = total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p  # a DTensor's numel() is the whole parameter's
+        held += local.numel() * local.element_size()
+        total += p.numel() * p.element_size()
+    return held / total if total else 1.0

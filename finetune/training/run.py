@@ -29,13 +29,14 @@ from finetune.data.chat import apply_chat
 from finetune.data.prepared import open_split, read_meta, split_file
 from finetune.errors import StageError
 from finetune.io import write_json
-from finetune.memory import check_plan, out_of_memory, plan_run, resident_mb
+from finetune.memory import check_plan, plan_run, resident_mb
 from finetune.models import (
     check_target_modules,
     fit_chat_tokens,
     load_base_model,
     load_tokenizer,
     lora_config,
+    trainable_parameters,
     training_dtype,
     upcasts_embeddings,
 )
@@ -57,6 +58,7 @@ from finetune.training.callbacks import (
 from finetune.training.checkpoints import (
     FINISHED,
     LIVE_STAGING,
+    checkpoint_step,
     fingerprint,
     load_finished_training,
     other_world_size,
@@ -65,7 +67,13 @@ from finetune.training.checkpoints import (
     trained_through,
     versions,
 )
-from finetune.training.precision import choose_precision, peak_memory, reset_peak_memory, training_arguments
+from finetune.training.precision import (
+    choose_precision,
+    out_of_memory,
+    peak_memory,
+    reset_peak_memory,
+    training_arguments,
+)
 from finetune.training.progress import StepLog
 
 
@@ -90,7 +98,7 @@ class TrainingRun:
             raise StageError(problem)  # every process finds it: none waits at a barrier for the others
         self.setup()  # may refuse: nothing changed
         resume = self.resume()
-        tracking = Tracking(self.params, self.output_dir, resume_step(resume), self.staged_history) \
+        tracking = Tracking(self.params, self.output_dir, checkpoint_step(resume), self.staged_history) \
             if self.main else None
         elapsed = read_series(self.staged_history, "train/elapsed_s")
         self.trainer.add_callback(StepLog(tracking, self.trainer, self.timer, elapsed[-1][1] if elapsed else 0.0))
@@ -130,12 +138,12 @@ class TrainingRun:
         self.chat = read_meta(self.prepared_dir)["chat"]
         apply_chat(tokenizer, self.chat)  # conversations: the template, tokens and EOS prepare used
         self.plan = plan_run(params, precision.dtype, self.task.model_class(), len(tokenizer),
-                             bool(self.chat and self.chat["added_tokens"]))  # before any weight loads
+                             bool(self.chat and self.chat["added_tokens"]), ranks.world_size())  # before any load
         check_plan(self.plan, params, precision.device, self.main)
         self.resident_at_start = resident_mb()
         frozen_dtype = training_dtype(method, precision.dtype, params.lora, params.quantization)
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
-                                self.task.model_class())
+                                self.task.model_class(), sharded=params.distributed.strategy == "fsdp")
         new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":
@@ -173,7 +181,7 @@ class TrainingRun:
         if not self.main:  # the main process has left only the checkpoint to resume, if any
             resume = resumable(self.output_dir, self.fingerprint)
         self.peak_kind = reset_peak_memory(self.precision.device)
-        if resume:
+        if resume and self.main:
             print(f"resuming from {resume}: weights, optimizer, scheduler, RNG and data position")
         return resume
 
@@ -218,7 +226,7 @@ class TrainingRun:
             "task": self.task.name, "model": as_dict(params.model), "train": as_dict(params.train),
             "lora": as_dict(params.lora), "quantization": as_dict(params.quantization), "device": precision.device,
             "precision": precision.dtype, "precision_reason": precision.reason, "processes": ranks.world_size(),
-            "strategy": ranks.strategy(trainer.model),
+            "strategy": ranks.strategy(trainer.model), "distributed": as_dict(params.distributed),
             "tokenizer_size": len(tokenizer), "chat": self.chat is not None, "versions": versions()})
 
     def finish(self) -> None:
@@ -247,6 +255,8 @@ class TrainingRun:
             "precision": precision.dtype,
             "processes": ranks.world_size(),
             "strategy": ranks.strategy(trainer.model),
+            "parameter_share_per_process": round(ranks.summed(ranks.parameter_share(trainer.model))[0]
+                                                 / ranks.world_size(), 4),
             "final_train_loss": round(train_losses[-1], 6) if train_losses else None,
             "best_eval_loss": round(min(eval_losses), 6),
             "final_eval_loss": round(eval_losses[-1], 6),
@@ -276,19 +286,9 @@ def train(params: Params, prepared_dir: Path, metrics_file: Path, history_dir: P
     return TrainingRun(params, prepared_dir, metrics_file, history_dir).run()
 
 
-def resume_step(checkpoint: Path | None) -> int | None:
-    return int(checkpoint.name.split("-")[-1]) if checkpoint else None
-
-
 def load_split(prepared_dir: Path, name: str):
     """A prepared split as a Dataset memory-mapped from its Arrow file: rows are read as batches need them."""
     return open_split(split_file(prepared_dir, name)).select_columns(["input_ids", "labels"])
-
-
-def trainable_parameters(model) -> tuple[int, int]:
-    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit weights at their unpacked size
-        return model.get_nb_trainable_parameters()
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
 def trainer_for(params: Params, prepared_dir: Path, run_fingerprint: str = "setup-only"):
