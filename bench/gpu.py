@@ -95,9 +95,9 @@ def matmul_peak(dtype: torch.dtype, device: str) -> float:
 def run_method(base_params, model_dir: Path, prepared: Path, work: Path, method: str, steps: int,
                batch: int, row_length: int, packing: bool = True) -> dict:
     from finetune.batching import padding_fraction
-    from finetune.memory import plan_run, resident_mb
+    from finetune.memory import plan_run
     from finetune.models import trainable_parameters
-    from finetune.training.precision import peak_memory, reset_peak_memory
+    from finetune.training.precision import peak_memory, reset_peak_memory, resident_mb
     from finetune.training.run import trainer_for
 
     p = copy.deepcopy(base_params)

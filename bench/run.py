@@ -1,6 +1,6 @@
 """The benchmark: the pipeline against its baselines, measured side by side in one run on the default model and data.
 
-    python -m bench                       # all measurements, ~8 minutes on 2 CPU cores
+    python -m bench                       # all measurements, ~12 minutes on 2 CPU cores
     python -m bench --only train,generate --out /tmp/bench.json
 
 Prints one table and writes JSON (bench/results.json) and Markdown (bench/results.md). Every ratio compares two
@@ -16,6 +16,8 @@ measurements taken in this run, on this machine, so the figures travel between m
   prepare    the prepare stage on 100k generated examples vs `datasets` batched tokenization of the same texts alone:
              time, peak memory, bytes per example on disk, and a train start on the result (bench/prepare.py;
              `python -m bench.prepare --examples 1000000` for a million)
+  queue      two experiments through `dvc queue start -j 2` vs one after the other: wall time and identical
+             metrics, the cores shared among the running stages (bench/queue.py)
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("dvc", "train", "packing", "generate", "checkpoint", "flops", "compile", "prepare")
+SECTIONS = ("dvc", "train", "packing", "generate", "checkpoint", "flops", "compile", "prepare", "queue")
 TARGETS = {  # what each headline ratio is held to
     "train_vs_plain_loop": 0.9,
     "packed_vs_padded": 1.5,
@@ -119,11 +121,11 @@ def plain_loop(params, prepared: Path, steps: int, skip: int) -> dict:
     from transformers import get_linear_schedule_with_warmup, set_seed
 
     from finetune.batching import PackedCollator, real_tokens
+    from finetune.data.prepared import training_split
     from finetune.models import load_base_model, load_tokenizer, lora_config
-    from finetune.training.run import load_split
 
     set_seed(params.train.seed)
-    rows = load_split(prepared, "train")
+    rows = training_split(prepared, "train")
     tokenizer = load_tokenizer(params.model)
     model = load_base_model(params.model)
     model.config.use_cache = False
@@ -414,6 +416,12 @@ def table(results: dict) -> str:
         t = r["train_start"]
         rows.append((f"train start on {t['train_examples']:,} prepared examples ({t['train_split_mb']} MB split)",
                      f"peak {t['peak_mb']:.0f} MB", "", ""))
+    if "queue" in results:
+        r = results["queue"]
+        add(f"dvc queue start -j 2 vs one after the other (2 experiments of {r['steps']} steps: {r['queue_j2_s']} vs "
+            f"{r['sequential_s']} s; identical metrics: {'yes' if r['identical_metrics'] else 'NO'}; without "
+            f"sharing the cores {r['queue_j2_unshared_s']} s, {r['unshared_ratio']:g}×)", r["ratio"], r["target"],
+            at_most=True)
     widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -430,6 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=128, help="test prompts for the generation benchmark")
     parser.add_argument("--prepare-examples", type=int, default=100_000, help="examples for the prepare benchmark")
     parser.add_argument("--prepare-rounds", type=int, default=2, help="runs per side of the prepare benchmark")
+    parser.add_argument("--queue-steps", type=int, default=100, help="training steps of each queued experiment")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results.json")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
@@ -473,6 +482,13 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             results["prepare"] = bench_prepare(args.prepare_examples, rounds=args.prepare_rounds)
             results["prepare"]["bench_seconds"] = round(time.perf_counter() - started, 1)
+        if "queue" in only:
+            from bench.queue import bench_queue
+
+            print("queue...", file=sys.stderr)
+            started = time.perf_counter()
+            results["queue"] = bench_queue(tmp, args.queue_steps)
+            results["queue"]["bench_seconds"] = round(time.perf_counter() - started, 1)
         if "flops" in only and "train" in results:
             results["flops"] = bench_flops(params, results["train"])
         os.chdir(ROOT)

@@ -16,9 +16,9 @@ download beyond its config.json. Each component is counted the way this pipeline
 - logits: the output layer's logits for those tokens, their fp32 copy for the loss, its log-softmax, the gradient
   and, for 16-bit logits, the gradient cast back to 16 bits (the largest single item for big vocabularies);
 - evaluation: the validation pass's logits (no activations kept), which does not coexist with training's.
-
-The plan's total is the larger of the training and evaluation peaks. What it leaves out (the CUDA context, the
-caching allocator's fragmentation, kernels' workspaces) is covered by `HEADROOM` when it is compared with a device.
+Under FSDP each process holds its share of the weights and trained state, plus the units it gathers (Plan.sharded).
+The total is the largest of the training, evaluation and loading peaks. What it leaves out (the CUDA context, the
+allocator's fragmentation, kernels' workspaces) is covered by `HEADROOM` when it is compared with a device.
 """
 
 from __future__ import annotations
@@ -37,14 +37,17 @@ class Plan:
     tokens: int  # per micro-batch
     checkpointing: bool
     notes: list[str] = field(default_factory=list)
+    edges: float = 0.0  # bytes of `weights` in the input embeddings and output head
+    replicated: float = 0.0  # bytes of `weights` FSDP cannot shard: bitsandbytes' quantization constants
+    gather_scale: float = 1.0  # FSDP gathers fp32 weights in the 16-bit autocast dtype: at half their size
 
     @property
     def total(self) -> float:
         c = self.components
-        training = sum(v for k, v in c.items() if k != "evaluation_logits")
+        training = sum(v for k, v in c.items() if k not in ("evaluation_logits", "weights_while_loading"))
         evaluation = c["weights"] + c["trainable_params"] + c["optimizer_states"] + c["evaluation_logits"] \
             + c.get("fsdp_gathered", 0)
-        return max(training, evaluation)
+        return max(training, evaluation, c.get("weights_while_loading", 0))
 
     def summary_mb(self) -> dict[str, float]:
         """The components and the total in MiB, as metrics/train.json records them."""
@@ -63,17 +66,27 @@ class Plan:
                          + f" ({HEADROOM - 1:.0%} headroom)")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
-    def sharded(self, processes: int, layers: int, fsdp) -> Plan:
+    def sharded(self, processes: int, layers: int, fsdp, loads_whole: bool) -> Plan:
         """One process's plan when FSDP (params distributed.fsdp) shards the weights and the trained state over
-        `processes`: a share of each, plus the whole units it gathers to compute with: the decoder layer in use and
-        the next, prefetched (full_shard), or every unit from the forward pass through the backward (shard_grad_op)."""
+        `processes`: a share of each (none on the GPU with cpu_offload), plus the units it gathers to compute
+        with, in the autocast dtype (so no autocast copies): the root (embeddings and head) and the decoder layer
+        in use and the next, prefetched (full_shard), or every unit from the forward pass through the backward
+        (shard_grad_op). `loads_whole`: each process loads the whole model onto its device before it is sharded
+        (QLoRA), a peak of its own."""
         c = dict(self.components)
-        unit = c["weights"] / layers if fsdp.auto_wrap == "transformer_layer" else c["weights"]
-        gathered = min(2 * unit, c["weights"]) if fsdp.sharding == "full_shard" else c["weights"]
-        for k in ("weights", "trainable_params", "gradients", "optimizer_states"):
-            c[k] /= processes
-        c["fsdp_gathered"] = gathered
-        return Plan(c, self.tokens, self.checkpointing, self.notes + [f"FSDP shards over {processes} processes"])
+        shardable = c["weights"] - self.replicated
+        body = shardable - self.edges if fsdp.auto_wrap == "transformer_layer" else shardable
+        root = shardable - body  # the edges, or nothing when the whole model is one unit
+        layer = body / layers if fsdp.auto_wrap == "transformer_layer" else body
+        gathered = root + (min(2 * layer, body) if fsdp.sharding == "full_shard" else body)
+        share = 0.0 if fsdp.cpu_offload else 1 / processes
+        c["weights"] = shardable * share + self.replicated
+        c.update({k: c[k] * share for k in ("trainable_params", "gradients", "optimizer_states")})
+        c["autocast_weight_copies"] = 0.0
+        c["fsdp_gathered"] = gathered * self.gather_scale
+        c.update({"weights_while_loading": self.components["weights"]} if loads_whole else {})
+        return Plan(c, self.tokens, self.checkpointing, self.notes + [
+            f"FSDP shards over {processes} processes" + (", shards in CPU memory" if fsdp.cpu_offload else "")])
 
     def fits(self, available: float) -> bool:
         return self.total * HEADROOM <= available
@@ -118,7 +131,7 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
     upcast = upcasts_embeddings(quantization, lora, chat_tokens)
     frozen = BYTES[training_dtype(method, precision, lora, quantization)]  # the LoRA base's
     compute = BYTES[quantization.bnb_4bit_compute_dtype]
-    weights = 0.0
+    weights = edge_weights = replicated = 0.0
     quantized_layers = 0
     seen: set[int] = set()  # a tied output head shares the input embeddings' weight: counted once
     for module in model.modules():
@@ -129,19 +142,21 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
             n = param.numel()
             if method == "qlora" and isinstance(module, torch.nn.Linear) and module is not head:
                 constants = 1 / BLOCK + 4 / (BLOCK * BLOCK2) if quantization.bnb_4bit_use_double_quant else 4 / BLOCK
-                weights += n * (0.5 + constants)
+                size = n * (0.5 + constants)
+                replicated += n * constants
                 quantized_layers += 1
             elif method == "qlora":
-                weights += n * (compute if id(param) in edges and not upcast else 4)
-            elif method == "full":
-                weights += n * 4
+                size = n * (compute if id(param) in edges and not upcast else 4)
             else:
-                weights += n * frozen
-    if quantization.bnb_4bit_use_double_quant and method == "qlora":
-        weights += quantized_layers * (16 * 4 + BLOCK2 * 4 + 8)  # the nf4 code, the 8-bit code, the offset
+                size = n * (4 if method == "full" else frozen)
+            weights += size
+            edge_weights += size if id(param) in edges else 0
+    if quantization.bnb_4bit_use_double_quant and method == "qlora":  # the nf4 code, the 8-bit code, the offset
+        weights, replicated = (w + quantized_layers * (16 * 4 + BLOCK2 * 4 + 8) for w in (weights, replicated))
     edge_bytes = (compute if not upcast else 4) if method == "qlora" else 4 if method == "full" else frozen
     tied = head is None or head.weight is inputs.weight
-    weights += added_rows * config.hidden_size * edge_bytes * (1 if tied else 2)
+    weights, edge_weights = (w + added_rows * config.hidden_size * edge_bytes * (1 if tied else 2)
+                             for w in (weights, edge_weights))
     # autocast's 16-bit copies of fp32 linear weights, kept for the backward pass
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     copies = 2 * linear if half and (method == "full" or (method == "lora" and frozen == 4)) else 0
@@ -173,7 +188,8 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
         "activations": activations,
         "logits": tokens * vocab * per_logit,
         "evaluation_logits": eval_tokens * vocab * (logit + (4 if logit < 4 else 0)),
-    }, tokens, checkpointing)
+    }, tokens, checkpointing, edges=edge_weights, replicated=replicated,
+        gather_scale=0.5 if half and (method == "full" or frozen == 4) and method != "qlora" else 1.0)
 
 
 def adapter_parameters(model, lora, head) -> int:
@@ -224,7 +240,8 @@ def for_processes(plan: Plan, params, processes: int, config) -> Plan:
     distributed = getattr(params, "distributed", None)
     if processes == 1 or distributed is None or distributed.strategy != "fsdp":
         return plan
-    return plan.sharded(processes, config.get_text_config().num_hidden_layers, distributed.fsdp)
+    return plan.sharded(processes, config.get_text_config().num_hidden_layers, distributed.fsdp,
+                        loads_whole=params.train.method == "qlora")
 
 
 def check_plan(plan: Plan, params, device: str, main: bool = True) -> None:
@@ -281,12 +298,3 @@ def advice(plan: Plan, train) -> str:
     }
     order = sorted((k for k in ways if c.get(k)), key=lambda k: -c[k])
     return "; ".join(f"{k.replace('_', ' ')} {c[k] / 2**30:.1f} GiB: {ways[k]}" for k in order[:3])
-
-
-def resident_mb() -> float:
-    """This process's resident memory now (VmRSS), in MiB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0

@@ -36,7 +36,7 @@ DIRECTIONS: dict[str, str] = {
     "tokens_mean": NEUTRAL, "supervised_tokens_train": NEUTRAL,
     # train (metrics/train.json)
     "final_train_loss": LOWER, "best_eval_loss": LOWER, "final_eval_loss": LOWER, "train_loss": LOWER,
-    "steps": NEUTRAL, "processes": NEUTRAL,
+    "steps": NEUTRAL, "processes": NEUTRAL, "parameter_share_per_process": NEUTRAL,
     "epochs": NEUTRAL, "epoch": NEUTRAL, "tokens_trained": NEUTRAL, "packing": NEUTRAL,
     "padding_fraction": LOWER, "base_weight_memory_mb": LOWER, "effective_batch_size": NEUTRAL,
     "trainable_params": NEUTRAL, "total_params": NEUTRAL, "pruned_at_step": NEUTRAL, "learning_rate": NEUTRAL,
@@ -47,6 +47,7 @@ DIRECTIONS: dict[str, str] = {
     "weights_mb": COST, "autocast_weight_copies_mb": COST, "trainable_params_mb": COST, "gradients_mb": COST,
     "optimizer_states_mb": COST,
     "activations_mb": COST, "logits_mb": COST, "evaluation_logits_mb": COST, "total_mb": COST,
+    "fsdp_gathered_mb": COST, "weights_while_loading_mb": COST,
     "tokens_per_micro_batch": NEUTRAL, "gradient_checkpointing": NEUTRAL,
     # merge (metrics/merge.json): the export must behave as the adapter did
     "greedy_agreement": HIGHER, "max_abs_logit_diff": LOWER,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.config.model import LoraParams, ModelParams, QuantizationParams
 from finetune.errors import StageError
-from finetune.quantization import quantization_config, unpacked_4bit_layers
+from finetune.quantization import quantization_config, sharded_storage, unpacked_4bit_layers
 
 
 @contextlib.contextmanager
@@ -113,13 +113,14 @@ def upcasts_embeddings(quantization: QuantizationParams, lora: LoraParams, chat_
 
 
 def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
-                    model_class=None, device_map: str | None = None, sharded: bool = False):
+                    model_class=None, device_map: str | None = None, fsdp_precision: str | None = None):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
     `quantization` is given (QLoRA; its layers that stay unquantized in `dtype`), else in `dtype`: float32 unless
     the weights stay frozen under mixed precision (LoRA with bf16/fp16), where half-size weights halve the memory
     and autocast computes in that dtype anyway. `model_class` is the task's Auto class (a causal LM when not given);
     `device_map` places an unquantized model as it loads (the quantized one goes where quantization.device_map
-    says); `sharded`: FSDP is to shard it (quantization_config)."""
+    says); `fsdp_precision`: the training precision, when FSDP is to shard the model (the 4-bit weights are
+    stored in the dtype it gathers them in, quantization.sharded_storage)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +128,8 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     refuse_remote_code(model)
     kwargs = {"device_map": device_map} if device_map else {}
     if quantization is not None:
-        kwargs = {"quantization_config": quantization_config(quantization, sharded),
+        storage = sharded_storage(quantization, fsdp_precision) if fsdp_precision else None
+        kwargs = {"quantization_config": quantization_config(quantization, storage),
                   "device_map": quantization.device_map}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # one process of several: its 4-bit model on its own device
             local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -47,7 +47,7 @@ KNOWN_FILES = {
                   r"|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|chat_template\.jinja"
                   r"|README\.md|vocab\.json|merges\.txt|tokenizer\.model"
                   # FSDP: the gathered model and optimizer, or each process's shards (torch.distributed.checkpoint)
-                  r"|(pytorch_model_fsdp|optimizer)(_\d+)?\.bin|(pytorch_model_fsdp|optimizer)_\d+/(\.metadata|__\d+_\d+\.distcp)",
+                  r"|(pytorch_model_fsdp|optimizer)(_\d+)?\.bin|(pytorch_model_fsdp|optimizer)_\d+/(\.metadata(\.tmp)?|__\d+_\d+\.distcp)",
 }
 _CHECKPOINT = re.compile(r"(corrupt-|tmp-)?checkpoint-(\d+)(\.\d+)?")
 _RUN_FILES = {MARKER, "FINISHED", "tracking.json"}

@@ -10,18 +10,25 @@ if TYPE_CHECKING:
     from finetune.config.params import Params
 
 
-def quantization_config(quant: QuantizationParams, sharded: bool = False):
-    """params.quantization -> transformers' BitsAndBytesConfig (4-bit). `sharded`: the model is to be sharded by
-    FSDP, which shards only floating-point tensors: the packed 4-bit weights are stored in the compute dtype (the
-    same bytes, viewed as floats) so that they are sharded too, instead of replicated on every process."""
+def quantization_config(quant: QuantizationParams, storage: str | None = None):
+    """params.quantization -> transformers' BitsAndBytesConfig (4-bit). `storage`: for a model FSDP is to shard,
+    which shards only floating-point tensors, the dtype the packed 4-bit weights are stored in (the same bytes,
+    viewed as floats) so that they are sharded too instead of replicated on every process: the dtype FSDP gathers
+    parameters in (see sharded_storage), or it would cast the packed bytes as numbers."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    compute = getattr(torch, quant.bnb_4bit_compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_quant_type=quant.bnb_4bit_quant_type, bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=compute if sharded else torch.uint8)
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, quant.bnb_4bit_compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, storage) if storage else torch.uint8)
+
+
+def sharded_storage(quant: QuantizationParams, precision: str) -> str:
+    """The dtype FSDP gathers a QLoRA model's parameters in: its mixed-precision dtype under bf16/fp16 autocast,
+    else the parameters' own, the compute dtype."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(precision, quant.bnb_4bit_compute_dtype)
 
 
 def unpacked_4bit_layers(model, all_layers: bool = True) -> None:

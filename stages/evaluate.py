@@ -23,6 +23,7 @@ from finetune.config.params import load_params
 from finetune.entrypoint import run_main
 from finetune.evaluation import MODELS, evaluate
 from finetune.io import write_json, write_jsonl
+from finetune.resources import share_machine
 from finetune.tasks.causal_lm import confusion_rows
 
 # of params.yaml, checked here, by model
@@ -37,6 +38,7 @@ def main() -> None:
     for name in ("predictions", "metrics", "confusion"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     args = parser.parse_args()
+    share_machine()  # this run's share of the cores (and a GPU of its own), before CUDA starts
     params = load_params(sections=SECTIONS[args.model])
     metrics, records = evaluate(params, args.model, args.test)
     write_jsonl(args.predictions, records)

@@ -21,6 +21,7 @@ from finetune.data.prepare import prepare
 from finetune.entrypoint import run_main
 from finetune.io import write_json
 from finetune.metrics import nest
+from finetune.resources import share_machine
 
 SECTIONS = ["data", "prepare", "model", "evaluate"]  # of params.yaml, checked here
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the prepared splits' folder")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
+    share_machine()  # this run's share of the cores (and a GPU of its own), before CUDA starts
     params = load_params(sections=SECTIONS, raw_dir=args.raw)
     stats = prepare(params, args.out)
     write_json(args.metrics, nest("prepared", stats))

@@ -33,6 +33,7 @@ from finetune.config.hardware import Hardware
 from finetune.config.params import load_params
 from finetune.entrypoint import run_main
 from finetune.errors import StageError
+from finetune.resources import share_machine
 from finetune.training import ranks
 from finetune.training.launch import WORKER_ENV, die_with_parent, launch, launched
 from finetune.training.run import train
@@ -48,6 +49,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.environ.get(WORKER_ENV):
         die_with_parent()
+    # this run's share of the cores and GPUs of its own, one per process, before CUDA starts
+    share_machine(load_params(sections=["distributed"]).distributed.nproc_per_node)
     params = load_params(sections=SECTIONS, hardware=Hardware.detect(),
                          writes=("train.output_dir", "train.finetuned_dir"))
     if params.distributed.nproc_per_node > 1 and not launched():

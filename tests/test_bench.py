@@ -69,3 +69,18 @@ def test_gpu_benchmark_measures_scaling_over_processes_at_toy_size(tmp_path, str
     assert [r["strategy"] for r in scaling] == ["single", strategy]
     assert scaling[1]["tokens_trained"] > scaling[0]["tokens_trained"]  # twice the examples a step
     assert 0 < scaling[1]["efficiency"] and scaling[1]["tokens_per_second"] > 0
+
+
+@pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1", reason="runs experiments at once; RUN_MULTIPROCESS=1")
+def test_queue_benchmark_runs_two_experiments_at_once_with_the_metrics_of_one_after_the_other(tmp_path):
+    """The measurement itself, short: a copy of this repository, two experiments one after the other, then the
+    same two through `dvc queue start -j 2` (with the cores shared, and without): every metric equal."""
+    out = tmp_path / "bench.json"
+    run.main(["--only", "queue", "--queue-steps", "10", "--out", str(out)])
+    r = json.loads(out.read_text())["queue"]
+    assert r["identical_metrics"], r["metrics"]
+    assert all(side["training.tokens_trained"] for pair in r["metrics"].values() for side in pair.values())
+    assert r["ratio"] == round(r["queue_j2_s"] / r["sequential_s"], 3) and r["queue_j2_unshared_s"] > 0
+    speeds = [t["training.tokens_per_second"] for t in r["timings"].values()]
+    assert len(speeds) == 6 and len(set(speeds)) == 6  # six trainings, none restored from another's outputs
+    assert "dvc queue start -j 2 vs one after the other" in (tmp_path / "bench.md").read_text()

@@ -92,8 +92,19 @@ def test_memory_plan_of_fsdp_gives_each_process_its_share_and_the_layers_it_gath
     assert code == 0 and fsdp["fits"]
     for part in ("weights", "gradients", "optimizer_states"):
         assert fsdp[f"{part}_mb"] == pytest.approx(one[f"{part}_mb"] / 8, rel=1e-3)
-    assert fsdp["fsdp_gathered_mb"] == pytest.approx(one["weights_mb"] * 2 / 32, rel=1e-3)
+    # gathered in bf16 (half the fp32 weights' size): the embeddings and head (the root unit), and two of the 32
+    # decoder layers; autocast has no fp32 weights left to copy
+    edges_mb = 2 * SHAPES["llama-2-7b"]["vocab_size"] * SHAPES["llama-2-7b"]["hidden_size"] * 4 / 2**20
+    layers_mb = one["weights_mb"] - edges_mb
+    assert fsdp["fsdp_gathered_mb"] == pytest.approx((edges_mb + 2 * layers_mb / 32) / 2, rel=1e-3)
+    assert fsdp["autocast_weight_copies_mb"] == 0 < one["autocast_weight_copies_mb"]
     assert fsdp["activations_mb"] == one["activations_mb"]  # each process computes its own micro-batch
+    # QLoRA: the 4-bit model loads whole onto each GPU before it is sharded; the quantization constants stay whole
+    _, qlora_one = plan_command(tmp_path, "train.method=qlora", "train.bf16=true", memory_gib=80)
+    _, qlora = plan_command(tmp_path, "train.method=qlora", "train.bf16=true", "distributed.nproc_per_node=8",
+                            "distributed.strategy=fsdp", memory_gib=80)
+    assert qlora["weights_while_loading_mb"] == qlora_one["weights_mb"] and qlora["total_mb"] >= qlora_one["weights_mb"]
+    assert qlora_one["weights_mb"] / 8 < qlora["weights_mb"] < qlora_one["weights_mb"] / 4
 
 
 def test_memory_plan_command_reads_params_and_explains(tmp_path):

@@ -147,12 +147,12 @@ def test_every_kind_skipped_and_counted_in_one_file(workdir):
 
 
 def test_the_splits_are_memory_mapped_arrow_and_train_reads_them_so(workdir):
-    from finetune.training.run import load_split
+    from finetune.data.prepared import training_split
 
     run_prepare(load_params())
     files = sorted(p.name for p in (workdir / "data/prepared").iterdir())
     assert files == ["prepared.json", "test.arrow", "train.arrow", "validation.arrow"]
-    train = load_split(workdir / "data/prepared", "train")
+    train = training_split(workdir / "data/prepared", "train")
     assert train.cache_files and train.cache_files[0]["filename"].endswith("train.arrow")
     assert type(train.data).__name__ == "MemoryMappedTable"
     assert train.features["input_ids"].feature.dtype == "int32"

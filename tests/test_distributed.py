@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -212,8 +213,9 @@ def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device_and_fsd
     assert metrics["processes"] == 2 and metrics["quantization"].startswith("4-bit") and metrics["steps"] == 6
     ddp = losses(prepared)
 
-    # FSDP shards the 4-bit weights too (stored as floats: FSDP shards floating-point tensors only)
-    use(prepared, distributed={"strategy": "fsdp"})
+    # FSDP shards the 4-bit weights too (stored as floats: FSDP shards floating-point tensors only); the whole
+    # model one unit, its activations recomputed by the Trainer's checkpointing (on for QLoRA)
+    use(prepared, distributed={"strategy": "fsdp", "fsdp": {"auto_wrap": "none"}})
     done = train(prepared, environment(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Excluding from FSDP2 sharding" not in done.stderr
@@ -255,8 +257,10 @@ def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepare
     assert len(fsdp) == len(ddp) == 5
     assert all(abs(a - b) <= 1e-3 * abs(b) for a, b in zip(fsdp, ddp, strict=True)), (fsdp, ddp)
     assert metrics["tokens_trained"] == ddp_metrics["training"]["tokens_trained"]
-    shards = sorted(p.name for p in (prepared / "models/checkpoints/checkpoint-5").rglob("*.distcp"))
-    assert len(shards) >= 2  # one file of shards per process
+    shards = sorted(p.relative_to(prepared / "models/checkpoints/checkpoint-5").as_posix()
+                    for p in (prepared / "models/checkpoints/checkpoint-5").rglob("*.distcp"))
+    assert shards == [f"{what}_0/__{rank}_0.distcp" for what in ("optimizer", "pytorch_model_fsdp")
+                      for rank in (0, 1)]  # each process's shards of the model and of the optimizer
     files = writers(tmp_path / "writes.log", prepared)
     assert files and all(len(pids) == 1 for pids in files.values())
     main = next(iter(pids for path, pids in files.items() if "/.train.json." in path))
@@ -282,6 +286,15 @@ def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepare
     assert done.stdout.count("resuming from models/checkpoints/checkpoint-3") == 1  # the main process says it
     assert adapter_hash(prepared) == uninterrupted
 
+    # stopped after its last checkpoint, before its outputs: they are written from it, without training again
+    subprocess.run(["rm", "-rf", "models/finetuned", "metrics/train.json", "models/checkpoints/FINISHED"],
+                   cwd=prepared)
+    done = train(prepared, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "holds the last training step" in done.stdout
+    assert adapter_hash(prepared) == uninterrupted
+    assert json.loads((prepared / "metrics/train.json").read_text())["training"]["strategy"] == "fsdp"
+
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_divergence_stops_every_process_together(prepared, tmp_path, strategy):
@@ -291,6 +304,7 @@ def test_divergence_stops_every_process_together(prepared, tmp_path, strategy):
         distributed={"nproc_per_node": 2, "strategy": strategy})
     done = train(prepared, environment(tmp_path))
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.count("training diverged at step") >= 2  # each process's own error, then the stage's
+    steps = re.findall(r"error: training diverged at step (\d+)", done.stderr)
+    assert len(steps) == 2 and steps[0] == steps[1], done.stderr[-3000:]  # both processes, at the same step
     assert "the training processes stopped" in done.stderr
     assert not (prepared / "models/finetuned").exists() and not (prepared / "metrics/train.json").exists()

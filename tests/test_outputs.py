@@ -94,9 +94,10 @@ def test_an_fsdp_checkpoint_killed_while_written_is_ours(tmp_path):
     outputs.claim(folder, "train.output_dir")
     checkpoint(folder, 3, {"pytorch_model_fsdp.bin": "m", "optimizer.bin": "o", "rng_state_1.pth": "r"})
     checkpoint(folder, 6, {}, marked=False)
-    for name in ("pytorch_model_fsdp_0", "optimizer_0"):
+    # the optimizer's .metadata not yet renamed into place when the run was killed
+    for name, metadata in (("pytorch_model_fsdp_0", ".metadata"), ("optimizer_0", ".metadata.tmp")):
         (folder / "checkpoint-6" / name).mkdir()
-        for part in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        for part in (metadata, "__0_0.distcp", "__1_0.distcp"):
             (folder / "checkpoint-6" / name / part).write_text("shard")
     assert outputs.foreign_entries(folder, "checkpoints") == []
     (folder / "checkpoint-6/optimizer_0/notes.txt").write_text("mine")

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from finetune.config.evaluate import EvaluateParams, ExportParams
     from finetune.config.hardware import Hardware
     from finetune.config.model import LoraParams, ModelParams, QuantizationParams
+    from finetune.config.resources import ResourcesParams
     from finetune.config.tracking import TrackingParams
     from finetune.config.train import TrainParams
 
@@ -43,6 +44,7 @@ SECTIONS = {
     "export": ("finetune.config.evaluate", "ExportParams"),
     "tracking": ("finetune.config.tracking", "TrackingParams"),
     "distributed": ("finetune.config.distributed", "DistributedParams"),
+    "resources": ("finetune.config.resources", "ResourcesParams"),
 }
 
 
@@ -67,6 +69,7 @@ class Params:
     export: ExportParams | None = None
     tracking: TrackingParams | None = None
     distributed: DistributedParams | None = None
+    resources: ResourcesParams | None = None
 
     @classmethod
     def defaults(cls) -> Params:

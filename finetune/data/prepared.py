@@ -30,3 +30,8 @@ def open_split(path: Path):
     if not path.exists():
         raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
     return datasets.Dataset.from_file(str(path))
+
+
+def training_split(prepared_dir: Path, name: str):
+    """A prepared split with what training reads of it (token ids and labels), memory-mapped."""
+    return open_split(split_file(prepared_dir, name)).select_columns(["input_ids", "labels"])

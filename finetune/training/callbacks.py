@@ -14,6 +14,7 @@ from finetune.batching import real_tokens
 from finetune.errors import StageError
 from finetune.io import write_json
 from finetune.outputs import file_digest, written_files
+from finetune.training import study_storage
 from finetune.training.checkpoints import MARKER, latest_checkpoint
 from finetune.training.ranks import barrier, is_main, summed, world_size
 
@@ -71,7 +72,7 @@ class TrialPruning(TrainerCallback):
         import optuna
 
         found = json.loads(spec)  # a study does not store its pruner: the search passes its settings
-        study = optuna.load_study(study_name=found["study"], storage=found["storage"],
+        study = optuna.load_study(study_name=found["study"], storage=study_storage(found["storage"]),
                                   pruner=optuna.pruners.MedianPruner(**found["median_pruner"]))
         self.trial = optuna.trial.Trial(study, found["trial_id"])
         # the pruner ranks by the study's direction: a loss is reported negated when the objective is maximized
@@ -129,7 +130,8 @@ def guarded_trainer_class():
             from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
             state = self.accelerator.state
-            if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+            if self.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU \
+                    or torch.accelerator.is_available():  # CPU training on a machine with an accelerator: left so
                 return
             # accelerate turns FSDP on for accelerators only and on CPU would replicate the model without a word;
             # FSDP2's fully_shard itself shards over gloo on CPU, so the run takes the FSDP path as on GPUs
@@ -162,8 +164,11 @@ def guarded_trainer_class():
             self.tokens_real += real
             self.tokens_computed += inputs["input_ids"].numel()
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if not torch.isfinite(loss):
-                raise diverged(self.state.global_step + 1, f"training loss is {loss.item()}", self.args.output_dir)
+            # one verdict for all processes: one that stopped alone would leave the others waiting for it
+            bad = 0.0 if torch.isfinite(loss) else 1.0
+            if summed(bad)[0]:
+                raise diverged(self.state.global_step + 1, f"training loss is {loss.item()}" if bad else
+                               "the training loss of another process is not finite", self.args.output_dir)
             return loss
 
     return GuardedTrainer

@@ -166,5 +166,7 @@ def load_finished_training(trainer, checkpoint: Path) -> None:
     from transformers import TrainerState
 
     print(f"{checkpoint} holds the last training step: writing its outputs without training again")
+    if trainer.is_fsdp_enabled:  # FSDP loads a checkpoint into the sharded model: shard it as training would have
+        trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
     trainer._load_from_checkpoint(str(checkpoint))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))

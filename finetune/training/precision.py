@@ -32,15 +32,16 @@ def choose_precision(train: TrainParams, cuda: bool) -> Precision:
 
 def fsdp_arguments(distributed, checkpointing: bool, processes: int) -> dict:
     """The Trainer's FSDP2 settings for params distributed.fsdp (strategy fsdp, on more than one process: alone, a
-    process has nothing to shard with), else none. FSDP recomputes activations itself (the Trainer's own
-    checkpointing would gather every layer once more)."""
+    process has nothing to shard with), else none. FSDP recomputes activations per decoder layer itself (the
+    Trainer's own checkpointing would gather every layer once more); with no layer units (auto_wrap: none) it has
+    none to recompute by, and the Trainer's checkpointing does it."""
     if distributed is None or distributed.strategy != "fsdp" or processes < 2:
         return {}
     fsdp = distributed.fsdp
     return {"fsdp": True, "fsdp_config": {
         "version": 2, "reshard_after_forward": fsdp.sharding == "full_shard", "cpu_offload": fsdp.cpu_offload,
         "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if fsdp.auto_wrap == "transformer_layer" else "NO_WRAP",
-        "activation_checkpointing": checkpointing,
+        "activation_checkpointing": checkpointing and fsdp.auto_wrap == "transformer_layer",
         "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict_type == "full" else "SHARDED_STATE_DICT"}}
 
 
@@ -69,7 +70,7 @@ def training_arguments(train: TrainParams, precision: Precision, distributed=Non
         save_total_limit=train.save_total_limit,
         fp16=precision.dtype == "fp16",
         bf16=precision.dtype == "bf16",
-        activation_checkpointing=train.checkpointing and not fsdp,
+        activation_checkpointing=train.checkpointing and not (fsdp and fsdp["fsdp_config"]["activation_checkpointing"]),
         ddp_find_unused_parameters=False,  # every trained parameter gets a gradient: no extra graph traversal
         activation_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=train.dataloader_num_workers,
@@ -99,6 +100,15 @@ def reset_peak_memory(device: str) -> str:
     except OSError:
         return "cpu_rss_with_loading"
     return "cpu_rss"
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (VmRSS), in MiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def peak_memory_mb(device: str) -> float:

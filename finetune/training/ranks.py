@@ -62,3 +62,12 @@ def parameter_share(model) -> float:
         held += local.numel() * local.element_size()
         total += p.numel() * p.element_size()
     return held / total if total else 1.0
+
+
+def gathered_state_dict(model, trained_only: bool) -> dict:
+    """The model's full state dict, FSDP's shards gathered into the main process's CPU memory (empty on the
+    others); with `trained_only`, the trained parameters alone (an adapter), so the frozen base is not gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trained_only))

@@ -26,10 +26,10 @@ from finetune.batching import padding_fraction, token_budget_batches
 from finetune.config.params import Params, as_dict
 from finetune.config.train import schedule_warnings
 from finetune.data.chat import apply_chat
-from finetune.data.prepared import open_split, read_meta, split_file
+from finetune.data.prepared import read_meta, training_split
 from finetune.errors import StageError
 from finetune.io import write_json
-from finetune.memory import check_plan, plan_run, resident_mb
+from finetune.memory import check_plan, plan_run
 from finetune.models import (
     check_target_modules,
     fit_chat_tokens,
@@ -42,6 +42,7 @@ from finetune.models import (
 )
 from finetune.outputs import refuse_foreign, replacing
 from finetune.quantization import prepare_4bit_training, quantization_summary, unpacked_4bit_layers
+from finetune.resources import shared_threads
 from finetune.tasks import task_for
 from finetune.tasks.causal_lm import token_counts
 from finetune.tracking import Tracking
@@ -72,6 +73,7 @@ from finetune.training.precision import (
     out_of_memory,
     peak_memory,
     reset_peak_memory,
+    resident_mb,
     training_arguments,
 )
 from finetune.training.progress import StepLog
@@ -129,7 +131,7 @@ class TrainingRun:
         print(f"method: {method}, base weights: {quantization_summary(params)}")
 
         set_seed(train.seed)
-        train_rows, val_rows = load_split(self.prepared_dir, "train"), load_split(self.prepared_dir, "validation")
+        train_rows, val_rows = (training_split(self.prepared_dir, name) for name in ("train", "validation"))
         batches = token_budget_batches(token_counts(train_rows), train, params.prepare) \
             if train.max_tokens_per_batch else None
         for message in schedule_warnings(train, len(train_rows), len(batches) if batches else None):
@@ -143,7 +145,9 @@ class TrainingRun:
         self.resident_at_start = resident_mb()
         frozen_dtype = training_dtype(method, precision.dtype, params.lora, params.quantization)
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
-                                self.task.model_class(), sharded=params.distributed.strategy == "fsdp")
+                                self.task.model_class(), fsdp_precision=precision.dtype
+                                if getattr(params.distributed, "strategy", None) == "fsdp" and ranks.world_size() > 1
+                                else None)
         new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":
@@ -154,7 +158,7 @@ class TrainingRun:
             check_target_modules(model, params.lora, params.model.model_name)
             model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type, new_tokens))
         collator = self.task.collator(tokenizer, train, params.prepare, model, train_rows)
-        trainable, total = trainable_parameters(model)
+        self.parameters = trainable, total = trainable_parameters(model)  # before FSDP shards them
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
               f"base weights {self.base_memory_mb:.1f} MB")
 
@@ -163,7 +167,8 @@ class TrainingRun:
             raise StageError("a search trial that reports to a pruner trains on one process; set pruner: none in "
                              "the search config to run its trials on several")
         self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
-        callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint)]
+        callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint),
+                     *shared_threads()]  # the cores' share followed as other runs start and end
         self.trainer = guarded_trainer_class()(
             model=model, args=training_arguments(train, precision, params.distributed), train_dataset=train_rows,
             eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer,
@@ -197,8 +202,8 @@ class TrainingRun:
     def save(self, metrics: dict) -> None:
         """The fine-tuned model, then the step history, then the metrics, each swapped into place whole."""
         ranks.barrier()
-        # FSDP: every process gives its shards to the main process's full copy
-        self.state_dict = self.trainer.accelerator.get_state_dict(self.trainer.model) \
+        # FSDP: every process gives its shards of what is saved (an adapter: not the frozen base) to the main one
+        self.state_dict = ranks.gathered_state_dict(self.trainer.model, self.params.train.method != "full") \
             if self.trainer.is_fsdp_enabled else None
         if not self.main:
             return
@@ -245,7 +250,7 @@ class TrainingRun:
         trainer, train, state, precision = self.trainer, self.params.train, self.trainer.state, self.precision
         train_losses = [e["loss"] for e in state.log_history if "loss" in e]
         eval_losses = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
-        trainable, total = trainable_parameters(trainer.model)
+        trainable, total = self.parameters
         tokens_real, tokens_computed = ranks.summed(trainer.tokens_real, trainer.tokens_computed)
         pruned_at = self.pruning.pruned_at if self.pruning else None
         return {
@@ -284,11 +289,6 @@ def train(params: Params, prepared_dir: Path, metrics_file: Path, history_dir: P
     """Train as params say, on `prepared_dir`'s train and validation splits; write the model (train.finetuned_dir),
     the step history (`history_dir`) and the metrics (`metrics_file`); return the metrics."""
     return TrainingRun(params, prepared_dir, metrics_file, history_dir).run()
-
-
-def load_split(prepared_dir: Path, name: str):
-    """A prepared split as a Dataset memory-mapped from its Arrow file: rows are read as batches need them."""
-    return open_split(split_file(prepared_dir, name)).select_columns(["input_ids", "labels"])
 
 
 def trainer_for(params: Params, prepared_dir: Path, run_fingerprint: str = "setup-only"):

@@ -9,11 +9,18 @@ A trial is `dvc exp run --name <study>-<n> -S key=value ...` (run in a temporary
 `dvc queue start -j parallel` workers), so DVC records its code, params, data and metrics like any experiment; its
 objective is read back from the experiment's committed metrics. Optuna records the study and picks the values:
 the grid's points in order for `grid`, RandomSampler (independent draws, log-uniform where `log: true`) for
-`random`, TPE (or the sampler named) for `bayes`. The study lives in Optuna's SQLite storage, so a search that
-is stopped and started again runs only the trials it still owes; a trial cut off mid-run is recorded as failed
-("interrupted") and does not count. A failed trial is recorded with its error and the search goes on. With
-`pruner: median` (sequential runs), the train stage reports its validation loss to the study at every evaluation
-and stops early when the trial trails the median.
+`random`, TPE (or the sampler named) for `bayes`. The study lives in Optuna's storage (a SQLite file by
+default), so a search that is stopped and started again runs only the trials it still owes; a trial cut off
+mid-run is recorded as failed ("interrupted") and does not count.
+
+Searches on several machines share one study through a storage they all reach (`storage: journal:<path>` on a shared
+filesystem, or a database URL; DVC_FINETUNE_STUDY_STORAGE overrides search.yaml): each asks the study for its next
+trial, so together they run the budget once, the trials running elsewhere counting toward it and grid points taken
+under a lock; each records which search (host:pid) runs a trial, and settles only the interrupted trials of its own
+machine's stopped searches. With `push: <git remote>`, each finished trial's experiment is pushed there (`dvc exp
+push`, its DVC outputs to the DVC remote), for `dvc exp pull` on any machine. A failed trial is recorded with its
+error and the search goes on. With `pruner: median` (sequential runs), the train stage reports its validation loss
+to the study at every evaluation and stops early when the trial trails the median.
 
 While a trial runs, its own output (DVC's lines and the stages', e.g. the train stage's `step 80/320 (25%): ...`)
 is passed through with the trial's number in front (`[trial 2] step 80/320 ...`); queued trials' output is read
@@ -30,6 +37,7 @@ import argparse
 import collections
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -37,9 +45,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.errors import StageError
-from finetune.training import TRIAL_ENV
+from finetune.training import TRIAL_ENV, study_storage
 from tools.search import experiments
-from tools.search.config import MEDIAN_PRUNER, SearchConfig, budget, counted, load_config, next_grid_points, sampler
+from tools.search.config import (
+    MEDIAN_PRUNER,
+    SearchConfig,
+    budget,
+    counted,
+    grid_lock,
+    load_config,
+    next_grid_points,
+    sampler,
+    storage_spec,
+)
 from tools.search.experiments import POLL_S, dvc, queue_processes, set_param, start_workers
 from tools.search.leaderboard import cell, leaderboard, markdown
 
@@ -48,11 +66,33 @@ def experiment_name(config: SearchConfig, number: int) -> str:
     return f"{config.study_name}-{number}"
 
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"  # this search, among those sharing a study
+
+
+def stopped(worker: str | None) -> bool:
+    """Whether the search that took a trial has stopped: one of this machine whose process is gone (a trial of
+    another machine is that machine's to settle, when its search starts again)."""
+    if worker is None:
+        return True  # recorded before searches said who they are
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()
+
+
 def settle_interrupted(study, config: SearchConfig) -> None:
     """Trials left running by a search that was stopped: the result if its experiment finished, else failed."""
     from optuna.trial import TrialState
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not stopped(trial.user_attrs.get("worker")):
+            continue  # a search running now, here or on another machine, is running it
         name = experiment_name(config, trial.number)
         files = experiments.experiment_metrics(name)
         if files is not None:
@@ -224,16 +264,34 @@ def run_queued(study, trials: list, config: SearchConfig, settings: dict[int, li
             record(study, each.trial, config, each.label, True)
 
 
+def push(config: SearchConfig, name: str) -> None:
+    """A finished trial's experiment, with its DVC outputs, to search.yaml's `push` remote: other machines pull it."""
+    if not config.push:
+        return
+    done = dvc("exp", "push", config.push, name, check=False)
+    said = (done.stderr or done.stdout).strip().splitlines()
+    print(f"{name}: pushed to {config.push}" if done.returncode == 0 else
+          f"{name}: warning: dvc exp push {config.push} failed: {said[-1] if said else done.returncode}", flush=True)
+
+
+def running_elsewhere(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get("worker") != WORKER]
+
+
 def search(config: SearchConfig) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    Path(config.storage).parent.mkdir(parents=True, exist_ok=True)
-    storage_url = f"sqlite:///{Path(config.storage).resolve()}"
+    spec = storage_spec(config.storage)
+    storage_url = spec  # what a trial's train stage reports its validation losses to (pruner: median)
     pruner = optuna.pruners.MedianPruner(**MEDIAN_PRUNER) if config.pruner == "median" \
         else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=storage_url, study_name=config.study_name, direction=config.direction,
-                                sampler=sampler(config), pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=study_storage(spec), study_name=config.study_name,
+                                direction=config.direction, sampler=sampler(config), pruner=pruner,
+                                load_if_exists=True)
     # what the trials' values mean; not the secondary metric, which only orders ties in the leaderboard
     identity = {"strategy": config.strategy, "metric": config.metric, "direction": config.direction,
                 "space": [vars(d) for d in config.space], "overrides": config.overrides}
@@ -242,18 +300,22 @@ def search(config: SearchConfig) -> dict:
         study.set_user_attr("config", identity)
     elif stored != json.loads(json.dumps(identity)):
         changed = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != stored.get(k))
-        raise StageError(f"study_name: {config.study_name!r} in {config.storage} was started with another "
+        raise StageError(f"study_name: {config.study_name!r} in {spec} was started with another "
                          f"{', '.join(changed)}; give this search a new study_name (or delete the storage)")
     settle_interrupted(study, config)
     total = budget(config)
-    while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) < total:
-        batch = min(config.parallel, total - done)
-        if config.strategy == "grid":
-            for point in next_grid_points(study, config, batch):
-                study.enqueue_trial(point)  # ask() hands these out first
+    # trials other searches sharing the study are running count toward the budget: together they run it once
+    while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) + len(running_elsewhere(study)) < total:
+        batch = min(config.parallel, total - done - len(running_elsewhere(study)))
         trials, settings, chosen, numbers, labels = [], {}, [], {}, {}
-        for i in range(batch):
-            trial = study.ask()
+        with grid_lock(spec):  # a grid point is taken by one search only
+            if config.strategy == "grid":
+                for point in next_grid_points(study, config, batch):
+                    study.enqueue_trial(point)  # ask() hands these out first
+            asked = [study.ask() for _ in range(batch)]
+            for trial in asked:
+                trial.set_user_attr("worker", WORKER)
+        for i, trial in enumerate(asked):
             values = {d.name: d.suggest(trial, config.strategy) for d in config.space}
             trial.set_user_attr("experiment", experiment_name(config, trial.number))
             trial.set_user_attr("overrides", config.overrides)
@@ -269,6 +331,12 @@ def search(config: SearchConfig) -> dict:
             run_sequential(study, trials[0], config, settings[number], storage_url, numbers[number], labels[number])
         else:
             run_queued(study, trials, config, settings, numbers, labels)
+        for trial in trials:
+            push(config, trial.user_attrs["experiment"])
+    if elsewhere := running_elsewhere(study):
+        print(f"search: {len(elsewhere)} trials are still running in other searches of this study "
+              f"({', '.join(sorted({t.user_attrs.get('worker', '?') for t in elsewhere}))}): the leaderboard lists "
+              "them as running; run the search again once they finish for the final one", flush=True)
     return leaderboard(study, config)
 
 

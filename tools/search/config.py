@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import importlib.util
 import itertools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,6 +16,7 @@ import yaml
 
 from finetune.config.schema import build, load_yaml, located
 from finetune.errors import StageError
+from finetune.training import STUDY_STORAGE_ENV
 
 MEDIAN_PRUNER = {"n_startup_trials": 2, "n_warmup_steps": 0}  # prune from the third trial on, at any evaluation
 
@@ -57,6 +61,7 @@ class SearchConfig:
     study_name: str = "search"
     storage: str = "search/study.db"
     out_dir: str = "search"
+    push: str | None = None  # a git remote each finished trial's experiment is pushed to (dvc exp push)
 
     @property
     def metric_key(self) -> str:
@@ -139,8 +144,11 @@ class SearchFile:
     overrides: dict | None = None
     space: dict[str, DimensionFile] = field(default_factory=dict)
     study_name: str = "search"
+    # a SQLite file | journal:<path>, a journal file searches on several machines share over a shared filesystem |
+    # a database URL (postgresql://...); DVC_FINETUNE_STUDY_STORAGE in the environment wins
     storage: str = "search/study.db"
     out_dir: str = "search"
+    push: str | None = None  # a git remote to `dvc exp push` each finished trial to (its DVC outputs too)
 
     def problems(self) -> list[str]:
         out = [f"{key}: {getattr(self, key)} must be a positive integer" for key in ("trials", "parallel")
@@ -181,7 +189,37 @@ def load_config(path: Path) -> SearchConfig:
         secondary=secondary.metric if secondary else None,
         secondary_direction=secondary.direction if secondary else SearchConfig.secondary_direction,
         pruner=found.pruner, overrides=found.overrides or {}, study_name=found.study_name, storage=found.storage,
-        out_dir=found.out_dir)
+        out_dir=found.out_dir, push=found.push)
+
+
+def storage_spec(storage: str) -> str:
+    """search.yaml's storage (or DVC_FINETUNE_STUDY_STORAGE, which wins) as finetune.training.study_storage takes
+    it: a database URL as it is; a journal or SQLite file by its absolute path (DVC's temporary workspaces, where a
+    pruned trial reports from, must name the same file), its folder created."""
+    value = os.environ.get(STUDY_STORAGE_ENV) or storage
+    if "://" in value:
+        return value
+    journal = value.startswith("journal:")
+    path = Path(value.removeprefix("journal:")).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"journal:{path}" if journal else f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def grid_lock(spec: str):
+    """Held while a search picks the next grid points and takes them as trials: two searches sharing a study
+    (on machines sharing the storage's filesystem) then never take the same point. A database URL has no file
+    to lock: searches on several machines that share one may each run a grid point."""
+    path = next((spec.removeprefix(scheme) for scheme in ("journal:", "sqlite:///") if spec.startswith(scheme)), None)
+    if path is None:
+        yield
+        return
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def sampler(config: SearchConfig):
@@ -190,9 +228,10 @@ def sampler(config: SearchConfig):
     if config.strategy in ("grid", "random"):  # grid points are enqueued (see next_grid_points)
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "tpe":
-        # constant_liar: trials asked together (parallel) are not all drawn from the same model of the objective
+        # constant_liar: trials running at once (parallel, or in other searches sharing the study) are not all
+        # drawn from the same model of the objective
         return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials,
-                                          constant_liar=config.parallel > 1)
+                                          constant_liar=True)
     if config.sampler == "gp":
         return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=config.startup_trials)
     if config.sampler == "cmaes":
@@ -210,8 +249,12 @@ def budget(config: SearchConfig) -> int:
 
 
 def next_grid_points(study, config: SearchConfig, n: int) -> list[dict]:
-    """The grid in declared order, less the points already tried (a restart goes on where it stopped)."""
-    tried = [t.params for t in study.get_trials(deepcopy=False) if counted(t)]
+    """The grid in declared order, less the points already tried (a restart goes on where it stopped) or taken by
+    a search running now (here or on another machine sharing the study)."""
+    from optuna.trial import TrialState
+
+    tried = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)
+             if counted(t) or t.state in (TrialState.RUNNING, TrialState.WAITING)]
     return [point for point in grid_points(config) if point not in tried][:n]
 
 

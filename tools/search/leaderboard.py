@@ -69,13 +69,14 @@ def leaderboard(study, config: SearchConfig) -> dict:
 
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.FAIL and "error" not in trial.user_attrs:
-            continue  # interrupted and re-run as another trial
+        if (trial.state == TrialState.FAIL and "error" not in trial.user_attrs) or trial.state == TrialState.WAITING:
+            continue  # interrupted and re-run as another trial; or not started yet
         value = trial.value if trial.state == TrialState.COMPLETE else None  # a pruned trial's value is a loss
         rows.append({"trial": trial.number, "experiment": trial.user_attrs.get("experiment"),
                      "state": trial.state.name.lower(), "value": value,
                      "secondary": secondary_of(trial, config) if value is not None else None, "params": trial.params,
-                     "error": trial.user_attrs.get("error"), "pruned_at_step": trial.user_attrs.get("pruned_at_step")})
+                     "error": trial.user_attrs.get("error"), "pruned_at_step": trial.user_attrs.get("pruned_at_step"),
+                     "worker": trial.user_attrs.get("worker")})  # host:pid of the search that ran it
     rows.sort(key=lambda row: rank_key(row, config))
     best = rows[0] if rows and rows[0]["value"] is not None else None
     board = {"strategy": config.strategy, "objective": config.metric, "direction": config.direction,
@@ -113,7 +114,8 @@ def markdown(board: dict, config: SearchConfig) -> str:
     rows = []
     for rank, row in enumerate(board["trials"], 1):
         value = f"{row['value']:g}" if row["value"] is not None else (row["error"] or "").splitlines()[-1][:60] \
-            if row["state"] == "fail" else f"pruned at step {row['pruned_at_step']}"
+            if row["state"] == "fail" else f"running on {(row['worker'] or '?').rpartition(':')[0]}" \
+            if row["state"] == "running" else f"pruned at step {row['pruned_at_step']}"
         second = [f"{row['secondary']:g}" if row["secondary"] is not None else ""] if config.secondary else []
         rows.append([rank, row["experiment"], row["state"], value, *second,
                      *(cell(row["params"].get(n, "")) for n in names)])
