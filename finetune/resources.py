@@ -11,11 +11,14 @@ every experiment trains on cuda:0. So each heavy stage process (prepare, train, 
 - sets the process's threads (params resources.threads: auto) to the cores divided among the slots held now,
   and training looks again every few seconds (`ThreadShare`), so a run that started alone gives cores back
   when a second one starts, and takes them again when it ends;
-- on a GPU machine, locks the GPUs it will use (resources.gpus: auto: one per training process, one for the other
-  stages) among those CUDA_VISIBLE_DEVICES lists (else all), skipping those another running experiment holds,
-  and narrows CUDA_VISIBLE_DEVICES to them before CUDA starts; while none is free it waits, saying so.
+- on a GPU machine, first locks the GPUs it will use (resources.gpus: auto: one per training process of
+  distributed.nproc_per_node, for evaluate and merge too; prepare none) among those CUDA_VISIBLE_DEVICES lists
+  (else all), skipping those another running experiment holds, and narrows CUDA_VISIBLE_DEVICES to them before
+  CUDA starts; while too few are free it waits, saying so.
 
-A stage that a launcher started (torchrun on several nodes) leaves the placement to it.
+A process that a launcher started (torchrun, accelerate launch: LOCAL_RANK is set) is placed by its launcher and
+takes no slot and no GPU lock, so other experiments do not see the GPUs it uses: start such runs on GPUs no queue
+uses (CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -34,8 +37,13 @@ _held: dict[str, object] = {}  # this process's open, locked files (its slot, it
 
 
 def slots_dir() -> Path:
+    """The folder of this user's slots and GPU locks: private to the user (another user's folder there is refused)."""
     folder = Path(os.environ.get(SLOTS_ENV) or Path(tempfile.gettempdir()) / f"dvc-finetune-{os.getuid()}")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        from finetune.errors import StageError
+
+        raise StageError(f"{folder}: not a folder of this user's; set {SLOTS_ENV} to one that is")
     return folder
 
 
@@ -66,11 +74,14 @@ def hold_slot() -> None:
     temporary name and then renamed, so that no one counting sees it unlocked."""
     if any(name.endswith(".slot") for name in _held):
         return
+    import atexit
+
     folder, name = slots_dir(), f"{os.getpid()}.{time.monotonic_ns()}"
     handle = _locked(folder / f".{name}.new")
     _holder(handle)
     (folder / f".{name}.new").rename(folder / f"{name}.slot")
     _held[str(folder / f"{name}.slot")] = handle
+    atexit.register(lambda: (folder / f"{name}.slot").unlink(missing_ok=True))  # a killed process: see running()
 
 
 def running() -> int:
@@ -146,27 +157,33 @@ def visible_gpus() -> list[str]:
         return [g.strip() for g in listed.split(",") if g.strip()]
     import torch
 
-    return [str(i) for i in range(torch.cuda.device_count())]  # NVML: CUDA itself is not started
+    if not torch.backends.cuda.is_built():
+        return []
+    # counted through NVML, which does not start CUDA (CUDA would read CUDA_VISIBLE_DEVICES once, before it is set);
+    # without NVML, no placement: the stage sees every GPU
+    return [str(i) for i in range(max(0, torch.cuda._device_count_nvml()))]
 
 
-def share_machine(processes: int = 1) -> None:
-    """Take this stage's share of the machine, as params resources say (see the module's docstring): its slot, the
-    threads of each of its `processes` (OMP_NUM_THREADS set in the environment wins: the threads it names are the
-    user's choice), and on a GPU machine GPUs of its own (resources.gpus: auto: one per process)."""
+def share_machine(processes: int = 1, gpus: bool = True) -> None:
+    """Take this stage's share of the machine, as params resources say (see the module's docstring): GPUs of its
+    own when `gpus` (resources.gpus: auto: as many as the training's processes, distributed.nproc_per_node, so a
+    model trained over N GPUs is evaluated and merged over N), then its slot, then the threads of each of its
+    `processes`. With resources.threads: auto, OMP_NUM_THREADS set in the environment is the user's choice and is
+    kept; a number of threads is set whatever the environment says."""
     from finetune.config.params import load_params
 
     if "LOCAL_RANK" in os.environ:
-        return  # a launcher's worker (torchrun, accelerate launch): the launcher placed it
-    settings = load_params(sections=["resources"]).resources
-    hold_slot()
+        return  # started by a launcher (torchrun, accelerate launch): its launcher placed it
+    params = load_params(sections=["resources", "distributed"])
+    settings, nproc = params.resources, params.distributed.nproc_per_node
+    if gpus and settings.gpus != "all" and (candidates := visible_gpus()):
+        wanted = max(nproc if settings.gpus == "auto" else settings.gpus, processes)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(take_gpus(wanted, candidates))
+    hold_slot()  # after the wait for GPUs: a run waiting for one takes no share of the cores
     if settings.threads != "auto" or "OMP_NUM_THREADS" not in os.environ:
         set_threads(thread_share(settings.threads, processes))
         if settings.threads == "auto":
             os.environ[AUTO_ENV] = "auto"
-    if settings.gpus == "all" or not (candidates := visible_gpus()):
-        return
-    wanted = processes if settings.gpus == "auto" else settings.gpus
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(take_gpus(wanted, candidates))
 
 
 def shared_threads() -> list:

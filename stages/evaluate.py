@@ -38,7 +38,7 @@ def main() -> None:
     for name in ("predictions", "metrics", "confusion"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     args = parser.parse_args()
-    share_machine()  # this run's share of the cores (and a GPU of its own), before CUDA starts
+    share_machine()  # this run's share of the cores and GPUs of its own, before CUDA starts
     params = load_params(sections=SECTIONS[args.model])
     metrics, records = evaluate(params, args.model, args.test)
     write_jsonl(args.predictions, records)

@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--test", type=Path, required=True, help="the prepared test split")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    share_machine()  # this run's share of the cores (and a GPU of its own), before CUDA starts
+    share_machine()  # this run's share of the cores and GPUs of its own, before CUDA starts
     metrics = merge(load_params(sections=SECTIONS, writes=("export.merged_dir",)), args.test)
     write_json(args.metrics, nest("merge_check", metrics))
     print(f"the merged model agrees with the adapter on {metrics['greedy_agreement']:.0%} of "

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="the prepared splits' folder")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    share_machine()  # this run's share of the cores (and a GPU of its own), before CUDA starts
+    share_machine(gpus=False)  # this run's share of the cores (no GPU: it tokenizes)
     params = load_params(sections=SECTIONS, raw_dir=args.raw)
     stats = prepare(params, args.out)
     write_json(args.metrics, nest("prepared", stats))

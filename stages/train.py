@@ -50,7 +50,7 @@ def main() -> None:
     if os.environ.get(WORKER_ENV):
         die_with_parent()
     # this run's share of the cores and GPUs of its own, one per process, before CUDA starts
-    share_machine(load_params(sections=["distributed"]).distributed.nproc_per_node)
+    share_machine(processes=load_params(sections=["distributed"]).distributed.nproc_per_node)
     params = load_params(sections=SECTIONS, hardware=Hardware.detect(),
                          writes=("train.output_dir", "train.finetuned_dir"))
     if params.distributed.nproc_per_node > 1 and not launched():

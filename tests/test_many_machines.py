@@ -132,6 +132,7 @@ def test_two_searches_on_two_machines_share_one_study_and_run_its_budget_once(tm
     assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)  # the budget, once
     names = [t.user_attrs["experiment"] for t in trials]
     assert len(set(names)) == 4
+    assert len({t.params["lr"] for t in trials}) == 4  # each machine drew its own values, none the other's
     workers = {t.user_attrs["worker"] for t in trials}
     assert len(workers) == 2  # both searches ran trials
     ran = [{ref.rsplit("/", 1)[-1] for ref in sh(repo, "git", "for-each-ref", "--format=%(refname)",

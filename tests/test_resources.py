@@ -112,6 +112,7 @@ def test_training_follows_the_share_as_runs_start_and_end(slots, monkeypatch):
     monkeypatch.setattr(resources, "RECHECK_S", 0.0)
     monkeypatch.setenv(resources.AUTO_ENV, "auto")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")
     before = torch.get_num_threads()
     resources.hold_slot()
     [share] = resources.shared_threads()
@@ -148,3 +149,29 @@ def test_bad_resources_are_refused_naming_the_key_and_line(text, message):
         parse_params(text, sections=["resources"])
     said = "\n".join(err.value.problems)
     assert said.startswith("params.yaml:2: ") and message in said, said
+
+
+SHARE = """
+import os, torch
+from finetune import resources
+resources.share_machine(processes=int(os.environ["PROCESSES"]))
+print(os.environ.get("CUDA_VISIBLE_DEVICES"), torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("environment, params, expected", [
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "1"}, "", "3 "),  # the first free of those listed
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "2"}, "", "3,5 "),  # a training of two processes: both
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "1"}, "resources:\n  gpus: all\n", "3,5 "),  # shared: as it was
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "1", "OMP_NUM_THREADS": "1"}, "", "3 1 1"),  # the user's threads
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "1", "LOCAL_RANK": "0"}, "", "3,5 "),  # a launcher's worker
+    ({"CUDA_VISIBLE_DEVICES": "3,5", "PROCESSES": "1"}, "resources:\n  threads: 1\n", "3 1 1"),
+])
+def test_a_stage_takes_its_share_as_params_say(slots, tmp_path, environment, params, expected):
+    (tmp_path / "params.yaml").write_text(params)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "LOCAL_RANK")}
+    env.update({resources.SLOTS_ENV: str(slots), "PYTHONPATH": str(ROOT), **environment})
+    done = subprocess.run([sys.executable, "-c", SHARE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(expected), done.stdout

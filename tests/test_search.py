@@ -214,7 +214,7 @@ def test_parallel_trials_are_queued_run_by_dvc_workers_and_their_output_shown_as
                        space=KINDS, overrides={"wait": True})
     lines = run_and_answer(stand_in, path, tmp_path)  # each trial waits until the search has shown its first line
     board = json.loads((stand_in / "search/leaderboard.json").read_text())
-    assert sorted(t["state"] for t in board["trials"]) == ["complete"] * 3
+    assert sorted(t["state"] for t in board["trials"]) == ["complete"] * 3, "\n".join(lines)
     assert experiments(stand_in) == {"s-0", "s-1", "s-2"}
     assert lines.index("trials 1-2 of 3 (grid, 2 at a time):") < lines.index("  trial 1: s-0 with kind=a") \
         < lines.index("  trial 2: s-1 with kind=b") < lines.index("trial 3 of 3 (grid): s-2 with kind=c")

@@ -1,7 +1,8 @@
 """params `resources`: how the experiments running at once on one machine share its cores and GPUs.
 
 No stage depends on this section (dvc.yaml lists it for none): how many threads a run uses and which GPU it runs on
-do not change what it computes, so changing them reruns nothing. finetune/resources.py applies it.
+change what it computes at most in the rounding of float sums, so changing them reruns nothing.
+finetune/resources.py applies it.
 """
 
 from __future__ import annotations

@@ -52,11 +52,11 @@ from tools.search.config import (
     SearchConfig,
     budget,
     counted,
-    grid_lock,
     load_config,
     next_grid_points,
     sampler,
     storage_spec,
+    study_lock,
 )
 from tools.search.experiments import POLL_S, dvc, queue_processes, set_param, start_workers
 from tools.search.leaderboard import cell, leaderboard, markdown
@@ -289,9 +289,10 @@ def search(config: SearchConfig) -> dict:
     storage_url = spec  # what a trial's train stage reports its validation losses to (pruner: median)
     pruner = optuna.pruners.MedianPruner(**MEDIAN_PRUNER) if config.pruner == "median" \
         else optuna.pruners.NopPruner()
-    study = optuna.create_study(storage=study_storage(spec), study_name=config.study_name,
-                                direction=config.direction, sampler=sampler(config), pruner=pruner,
-                                load_if_exists=True)
+    with study_lock(spec):  # two searches creating the study at once: one creates it, the other loads it
+        study = optuna.create_study(storage=study_storage(spec), study_name=config.study_name,
+                                    direction=config.direction, sampler=sampler(config), pruner=pruner,
+                                    load_if_exists=True)
     # what the trials' values mean; not the secondary metric, which only orders ties in the leaderboard
     identity = {"strategy": config.strategy, "metric": config.metric, "direction": config.direction,
                 "space": [vars(d) for d in config.space], "overrides": config.overrides}
@@ -302,16 +303,22 @@ def search(config: SearchConfig) -> dict:
         changed = sorted(k for k in identity if json.loads(json.dumps(identity[k])) != stored.get(k))
         raise StageError(f"study_name: {config.study_name!r} in {spec} was started with another "
                          f"{', '.join(changed)}; give this search a new study_name (or delete the storage)")
-    settle_interrupted(study, config)
     total = budget(config)
-    # trials other searches sharing the study are running count toward the budget: together they run it once
-    while (done := sum(counted(t) for t in study.get_trials(deepcopy=False))) + len(running_elsewhere(study)) < total:
-        batch = min(config.parallel, total - done - len(running_elsewhere(study)))
+    with study_lock(spec):  # no other search takes a trial while this one settles what was left running
+        settle_interrupted(study, config)
+    while True:
         trials, settings, chosen, numbers, labels = [], {}, [], {}, {}
-        with grid_lock(spec):  # a grid point is taken by one search only
+        with study_lock(spec):  # the budget counted and the trials taken as one step, by one search at a time
+            taken = study.get_trials(deepcopy=False)
+            done = sum(counted(t) for t in taken)
+            # trials other searches sharing the study are running count toward the budget: together they run it once
+            batch = min(config.parallel, total - done - len(running_elsewhere(study)))
+            if batch <= 0:
+                break
             if config.strategy == "grid":
                 for point in next_grid_points(study, config, batch):
-                    study.enqueue_trial(point)  # ask() hands these out first
+                    study.enqueue_trial(point, user_attrs={"worker": WORKER})  # ask() hands these out first
+            study.sampler = sampler(config, len(taken))
             asked = [study.ask() for _ in range(batch)]
             for trial in asked:
                 trial.set_user_attr("worker", WORKER)
@@ -332,7 +339,8 @@ def search(config: SearchConfig) -> dict:
         else:
             run_queued(study, trials, config, settings, numbers, labels)
         for trial in trials:
-            push(config, trial.user_attrs["experiment"])
+            if experiments.experiment_metrics(trial.user_attrs["experiment"]) is not None:  # it ran to the end
+                push(config, trial.user_attrs["experiment"])
     if elsewhere := running_elsewhere(study):
         print(f"search: {len(elsewhere)} trials are still running in other searches of this study "
               f"({', '.join(sorted({t.user_attrs.get('worker', '?') for t in elsewhere}))}): the leaderboard lists "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import importlib.util
 import itertools
 import os
@@ -197,7 +196,9 @@ def storage_spec(storage: str) -> str:
     it: a database URL as it is; a journal or SQLite file by its absolute path (DVC's temporary workspaces, where a
     pruned trial reports from, must name the same file), its folder created."""
     value = os.environ.get(STUDY_STORAGE_ENV) or storage
-    if "://" in value:
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):  # a relative file: made absolute
+        value = value.removeprefix("sqlite:///")
+    elif "://" in value:
         return value
     journal = value.startswith("journal:")
     path = Path(value.removeprefix("journal:")).expanduser().resolve()
@@ -206,37 +207,42 @@ def storage_spec(storage: str) -> str:
 
 
 @contextlib.contextmanager
-def grid_lock(spec: str):
-    """Held while a search picks the next grid points and takes them as trials: two searches sharing a study
-    (on machines sharing the storage's filesystem) then never take the same point. A database URL has no file
-    to lock: searches on several machines that share one may each run a grid point."""
+def study_lock(spec: str):
+    """Held while a search settles interrupted trials, counts the budget and takes its next trials (grid points
+    included): two searches sharing a study then never take the same trial, point or share of the budget. A lock
+    file beside a journal or SQLite file (Optuna's own open-with-O_EXCL lock, which works on NFS); a database URL
+    has no file to lock: searches sharing one may overrun the budget by a trial or two."""
+    from optuna.storages.journal import JournalFileOpenLock
+
     path = next((spec.removeprefix(scheme) for scheme in ("journal:", "sqlite:///") if spec.startswith(scheme)), None)
     if path is None:
         yield
         return
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = JournalFileOpenLock(f"{path}.search-lock")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
-def sampler(config: SearchConfig):
+def sampler(config: SearchConfig, taken: int = 0):
+    """The sampler for the next trials, seeded by search.yaml's seed and the trials the study has taken so far: the
+    same draws for the same history, and other draws for a search on another machine asking after it."""
     import optuna
 
+    seed = config.seed + 100_003 * taken
     if config.strategy in ("grid", "random"):  # grid points are enqueued (see next_grid_points)
-        return optuna.samplers.RandomSampler(seed=config.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if config.sampler == "tpe":
         # constant_liar: trials running at once (parallel, or in other searches sharing the study) are not all
         # drawn from the same model of the objective
-        return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=config.startup_trials,
-                                          constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.startup_trials, constant_liar=True)
     if config.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=config.startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.startup_trials)
     if config.sampler == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=config.seed, n_startup_trials=config.startup_trials)
-    return optuna.samplers.QMCSampler(seed=config.seed)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=config.startup_trials)
+    return optuna.samplers.QMCSampler(seed=config.seed)  # a sequence: its position comes from the study
 
 
 def grid_points(config: SearchConfig) -> list[dict]:
