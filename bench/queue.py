@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from finetune.resources import AUTO_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 QUEUE_AT_MOST = 0.8  # the queue's wall time over the sequential runs'
@@ -32,7 +35,10 @@ COMPARED = ("training.final_train_loss", "training.final_eval_loss", "training.t
 
 
 def dvc(repo: Path, *args: str) -> str:
-    done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True)
+    """`dvc args` in `repo`, without a thread count set in this process's environment (OMP_NUM_THREADS would be
+    kept by every stage as the user's choice: the measurement is of the share the stages take themselves)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", AUTO_ENV)}
+    done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {repo}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout

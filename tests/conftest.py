@@ -30,6 +30,32 @@ TOY_PARAMS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def machine_share_given_back(monkeypatch):
+    """A stage run inside the test process takes a slot and sets its threads (finetune/resources.py), as it would
+    in a process of its own: both are given back after each test, so that a later test, and the experiments it
+    starts, neither inherit that share nor count a slot no run holds."""
+    import os
+
+    import torch
+
+    from finetune import resources
+
+    for name in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", resources.AUTO_ENV, "CUDA_VISIBLE_DEVICES"):
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    yield
+    for path, handle in list(resources._held.items()):
+        handle.close()
+        if path.endswith(".slot"):
+            Path(path).unlink(missing_ok=True)
+    resources._held.clear()
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory) -> Path:
     import torch
