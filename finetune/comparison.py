@@ -8,7 +8,7 @@ from finetune.metrics import HEADLINE, better_when
 # The bar chart's metrics, on one scale: points as they are, fractions (0-1) times 100.
 POINTS = ("exact_match", "bleu", "sentence_bleu", "rouge1", "rouge2", "rougeL")
 
-FRACTIONS = ("token_accuracy", "token_f1", "label_accuracy", "label_f1")
+FRACTIONS = ("token_accuracy", "token_f1", "label_accuracy", "label_f1", "accuracy", "f1_weighted", "f1_macro")
 
 ARROWS = {"higher": "↑", "lower": "↓", "neutral": "·"}
 

@@ -8,6 +8,9 @@ QLoRA merges into the base loaded *unquantized*: the 4-bit weights saved memory 
 merged weights back to 4 bits would lose the adapter's small updates. A full fine-tune is already standalone and is
 saved as is.
 
+A classifier (params task.type) merges the same way, its head saved with the weights: the export loads with
+AutoModelForSequenceClassification, and the check compares the head's logits and predicted classes.
+
 The check runs one model at a time on its own device: the adapter's greedy outputs and logits on the check prompts
 are kept, the merged model is saved, freed and reloaded as a user would load it, and its outputs are compared
 (these must agree: it is the same function, summed differently; in bf16 or fp16 the logits differ by the rounding
@@ -35,6 +38,7 @@ from finetune.models import (
     saved_dtype,
 )
 from finetune.outputs import refuse_foreign, replacing
+from finetune.tasks import task_of
 
 # what transformers refuses to save beside do_sample=False (a base's sampling defaults, e.g. an instruct model's)
 SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff")
@@ -60,7 +64,7 @@ SHARD_SIZE = "5GB"  # per safetensors file of the export; a model bigger than th
 
 def merge(params: Params, test_file: Path) -> dict:
     """Export train.finetuned_dir merged to export.merged_dir, then check it on `test_file`'s first prompts."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     finetuned_dir, merged_dir = Path(params.train.finetuned_dir), Path(params.export.merged_dir)
     config = read_train_config(finetuned_dir)
@@ -72,8 +76,9 @@ def merge(params: Params, test_file: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(finetuned_dir)  # saved as it is; the check pads its own copy left
     test = open_split(test_file)
     prompts = list(test.select(range(min(params.export.check_examples, len(test))))["prompt"])
-    check = Check(AutoTokenizer.from_pretrained(finetuned_dir), prompts,
-                  params.export.check_max_new_tokens, read_meta(test_file.parent)["chat"] is None)
+    task = task_of(finetuned_dir)
+    check = Check(AutoTokenizer.from_pretrained(finetuned_dir), prompts, params.export.check_max_new_tokens,
+                  read_meta(test_file.parent, task.name)["chat"] is None, classify=task.name == "classification")
     placement = inference_placement()
     dtype = saved_dtype(finetuned_dir if method == "full" else ModelParams(**config["model"]))
     as_trained = None
@@ -85,7 +90,8 @@ def merge(params: Params, test_file: Path) -> dict:
     adapter = check.outputs(model)
     if method != "full":
         model = model.merge_and_unload()
-    model.generation_config = generation_config(model, tokenizer, params.evaluate)
+    if not check.classify:  # a classifier generates nothing
+        model.generation_config = generation_config(model, tokenizer, params.evaluate)
     with replacing(merged_dir, "model", "export.merged_dir") as staged:
         model.save_pretrained(staged, max_shard_size=SHARD_SIZE)  # safetensors, and generation_config.json
         tokenizer.save_pretrained(staged)
@@ -93,42 +99,51 @@ def merge(params: Params, test_file: Path) -> dict:
     release()
     print(f"merged {method} model saved to {merged_dir}")
 
-    merged = check.outputs(AutoModelForCausalLM.from_pretrained(
+    merged = check.outputs(task.model_class().from_pretrained(
         merged_dir, use_safetensors=True, dtype="auto", device_map=placement))
     release()
-    metrics = {"method": method, "dtype": dtype, "examples": len(check.prompts), **agreement(merged, adapter)}
+    agreeing = "prediction_agreement" if check.classify else "greedy_agreement"
+    metrics = {"method": method, "dtype": dtype, "examples": len(check.prompts),
+               **agreement(merged, adapter, agreeing)}
     if as_trained is not None:
-        metrics.update({f"{k}_vs_4bit": v for k, v in agreement(merged, as_trained).items()})
+        metrics.update({f"{k}_vs_4bit": v for k, v in agreement(merged, as_trained, agreeing).items()})
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 class Check:
     """What the merge check compares of a model: its greedy outputs and its logits (on the CPU, in the model's
-    dtype) on the check prompts."""
+    dtype) on the check prompts; for a classifier (`classify`), its predicted classes and the head's logits."""
 
-    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool, batch: int = 8):
+    def __init__(self, tokenizer, prompts: list[str], max_new_tokens: int, add_special_tokens: bool, batch: int = 8,
+                 classify: bool = False):
         self.tokenizer, self.prompts, self.max_new_tokens = tokenizer, prompts, max_new_tokens
-        self.add_special_tokens, self.batch = add_special_tokens, batch
+        self.add_special_tokens, self.batch, self.classify = add_special_tokens, batch, classify
 
     @torch.no_grad()
     def outputs(self, model) -> tuple[list[str], list[torch.Tensor]]:
         model.eval()
-        settings = EvaluateParams(batch_size=self.batch, max_new_tokens=self.max_new_tokens)
-        texts = generate(model, self.tokenizer, self.prompts, settings, self.add_special_tokens)
-        self.tokenizer.padding_side = "left"
+        if not self.classify:
+            settings = EvaluateParams(batch_size=self.batch, max_new_tokens=self.max_new_tokens)
+            texts = generate(model, self.tokenizer, self.prompts, settings, self.add_special_tokens)
+        self.tokenizer.padding_side = "right" if self.classify else "left"
         logits = []
         for start in range(0, len(self.prompts), self.batch):
             enc = self.tokenizer(self.prompts[start:start + self.batch], return_tensors="pt", padding=True,
                                  add_special_tokens=self.add_special_tokens).to(input_device(model))
-            logits.append(model(**enc).logits[enc["attention_mask"].bool()].cpu())
+            out = model(**enc).logits
+            logits.append((out if self.classify else out[enc["attention_mask"].bool()]).cpu())
+        if self.classify:
+            texts = [model.config.id2label[int(i)] for i in torch.cat(logits).argmax(-1)]
         return texts, logits
 
 
-def agreement(a: tuple[list[str], list[torch.Tensor]], b: tuple[list[str], list[torch.Tensor]]) -> dict[str, float]:
-    """Share of prompts with identical greedy outputs, and max |logit difference| over the prompts' tokens."""
+def agreement(a: tuple[list[str], list[torch.Tensor]], b: tuple[list[str], list[torch.Tensor]],
+              name: str = "greedy_agreement") -> dict[str, float]:
+    """Share of prompts with identical greedy outputs (a classifier's: predicted classes), under `name`, and max
+    |logit difference| over the prompts' tokens (a classifier's: its head's logits)."""
     same = [x == y for x, y in zip(a[0], b[0], strict=True)]
     diff = max(float((x.float() - y.float()).abs().max()) for x, y in zip(a[1], b[1], strict=True))
-    return {"greedy_agreement": sum(same) / len(same), "max_abs_logit_diff": diff}
+    return {name: sum(same) / len(same), "max_abs_logit_diff": diff}
 
 
 def release() -> None:

@@ -175,7 +175,7 @@ def estimate(model, train, lora, quantization, tokens: int, eval_tokens: int, pr
         activations = tokens * (layers * hidden * act + per_layer)
     else:
         activations = tokens * layers * per_layer
-    vocab = (head.weight.shape[0] if head is not None else config.vocab_size) + added_rows
+    vocab = head.weight.shape[0] + added_rows if head is not None else 0  # no LM head: a classifier's few logits
     logit = compute if method == "qlora" and not upcast else 2 if half else 4
     # logits, their fp32 copy, log-softmax and gradient, and that gradient cast back to the logits' dtype
     per_logit = logit + 8 + (4 + logit if logit < 4 else 0)

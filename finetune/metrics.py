@@ -26,6 +26,10 @@ DIRECTIONS: dict[str, str] = {
     "repetition_rate": LOWER, "mean_length": NEUTRAL, "examples": NEUTRAL,
     "label_accuracy": HIGHER, "label_precision": HIGHER, "label_recall": HIGHER, "label_f1": HIGHER,
     "label_unparseable": LOWER,
+    # classification (task.type): the head's predictions and probabilities; per_class.<label>.<metric>
+    "accuracy": HIGHER, "precision_weighted": HIGHER, "recall_weighted": HIGHER, "f1_weighted": HIGHER,
+    "precision_macro": HIGHER, "recall_macro": HIGHER, "f1_macro": HIGHER, "ece": LOWER, "classes": NEUTRAL,
+    "precision": HIGHER, "recall": HIGHER, "f1": HIGHER, "support": NEUTRAL, "class_weights": NEUTRAL,
     # prepare (metrics/prepare.json): sizes describe the data; bad records, truncation and drops lose some of it
     "train_examples": NEUTRAL, "validation_examples": NEUTRAL, "test_examples": NEUTRAL,
     "truncated": LOWER, "dropped_overlong": LOWER, "bad_records": LOWER,
@@ -52,12 +56,13 @@ DIRECTIONS: dict[str, str] = {
     # merge (metrics/merge.json): the export must behave as the adapter did
     "greedy_agreement": HIGHER, "max_abs_logit_diff": LOWER,
     "greedy_agreement_vs_4bit": HIGHER, "max_abs_logit_diff_vs_4bit": LOWER,
+    "prediction_agreement": HIGHER, "prediction_agreement_vs_4bit": HIGHER,
 }
 # `cost` metrics where more is better (everything else declared `cost` is better lower).
 MORE_IS_BETTER_COSTS = {"tokens_per_second"}
 
 # What `dvc exp show` should lead with: the fine-tuned model's scores on the test split (metrics/headline.json).
-HEADLINE = ("exact_match", "bleu", "rougeL", "eval_loss", "label_accuracy", "label_f1")
+HEADLINE = ("exact_match", "bleu", "rougeL", "eval_loss", "label_accuracy", "label_f1", "accuracy", "f1_macro")
 
 # The one key each metric file (but the headline's) nests its numbers under: prepare's, train's, evaluate's of each
 # model, merge's check and compare's deltas. Every column `dvc exp show` draws from them is then unique
@@ -66,12 +71,17 @@ HEADLINE = ("exact_match", "bleu", "rougeL", "eval_loss", "label_accuracy", "lab
 GROUPS = ("prepared", "training", "base", "finetuned", "merged", "merge_check", "delta")
 DIAGNOSTICS_DROP = "(prepared|training|base|finetuned|merge_check|delta)\\.|.*/"
 
+KEYED_BY_CLASS = ("class_weights",)  # a value per class, named by its label
 SUMMARY_STATS = ("mean", "min", "max", "last")  # of each training series, in metrics/train.json's `summary`
 
 
 def base_name(key: str) -> str:
-    """The metric a key measures: 'training.summary.eval_loss.min' -> 'eval_loss'; 'finetuned.bleu' -> 'bleu'."""
+    """The metric a key measures: 'training.summary.eval_loss.min' -> 'eval_loss'; 'finetuned.bleu' -> 'bleu';
+    'training.class_weights.<label>' -> 'class_weights'."""
     parts = key.split(".")
+    keyed = [part for part in parts[:-1] if part in KEYED_BY_CLASS]
+    if keyed:  # the class's name may hold dots itself
+        return keyed[0]
     return parts[-2] if len(parts) >= 2 and parts[-1] in SUMMARY_STATS else parts[-1]
 
 
@@ -204,3 +214,56 @@ def label_metrics(predictions: list[str], references: list[str], labels: list[st
     out = classification(y_true, y_pred, "label")
     out["label_unparseable"] = sum(p == UNPARSEABLE for p in y_pred)
     return out
+
+
+CALIBRATION_BINS = 10  # equal-width confidence bins of the expected calibration error and the reliability diagram
+
+
+def classifier_scores(y_true, y_pred, confidence, classes: list[str]) -> dict:
+    """A classifier's scores: accuracy, precision, recall and F1 weighted by support and macro-averaged
+    (scikit-learn, over the classes in y_true or y_pred), each class's (`per_class`, by name), and the expected
+    calibration error of its confidence (the top class's probability)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    out = {"accuracy": float(accuracy_score(y_true, y_pred))}
+    for average in ("weighted", "macro"):
+        precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        out |= {f"precision_{average}": float(precision), f"recall_{average}": float(recall),
+                f"f1_{average}": float(f1)}
+    out["ece"] = expected_calibration_error(np.asarray(confidence), np.asarray(y_true) == np.asarray(y_pred))
+    out["per_class"] = per_class([classes[i] for i in y_true], [classes[i] for i in y_pred])
+    return out
+
+
+def per_class(y_true: list[str], y_pred: list[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class (scikit-learn), by name, over the classes of y_true or
+    y_pred (those the averages cover)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = sorted(set(y_true) | set(y_pred))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {label: {"precision": round(float(p), 6), "recall": round(float(r), 6), "f1": round(float(f), 6),
+                    "support": int(n)}
+            for label, p, r, f, n in zip(labels, precision, recall, f1, support, strict=True)}
+
+
+def _bins(confidence: np.ndarray) -> np.ndarray:
+    """Each prediction's confidence bin: [0, 0.1), ..., [0.9, 1.0]."""
+    return np.minimum((confidence * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Sum over confidence bins of |accuracy - mean confidence|, weighted by the bin's share of predictions
+    (Guo et al., 2017): 0 for a classifier that is right as often as it is confident."""
+    bins = _bins(confidence)
+    return float(sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+                     for b in np.unique(bins)))
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray) -> list[dict]:
+    """The reliability diagram's points: per non-empty confidence bin, its mean confidence, its accuracy and its
+    number of predictions."""
+    bins = _bins(confidence)
+    return [{"confidence": round(float(confidence[bins == b].mean()), 6),
+             "accuracy": round(float(correct[bins == b].mean()), 6), "predictions": int((bins == b).sum())}
+            for b in np.unique(bins)]

@@ -113,14 +113,16 @@ def upcasts_embeddings(quantization: QuantizationParams, lora: LoraParams, chat_
 
 
 def load_base_model(model: ModelParams, quantization: QuantizationParams | None = None, dtype: str = "float32",
-                    model_class=None, device_map: str | None = None, fsdp_precision: str | None = None):
+                    model_class=None, device_map: str | None = None, fsdp_precision: str | None = None,
+                    options: dict | None = None):
     """The base model, from a local directory or the hub, weights through safetensors only; in 4-bit when
     `quantization` is given (QLoRA; its layers that stay unquantized in `dtype`), else in `dtype`: float32 unless
     the weights stay frozen under mixed precision (LoRA with bf16/fp16), where half-size weights halve the memory
     and autocast computes in that dtype anyway. `model_class` is the task's Auto class (a causal LM when not given);
     `device_map` places an unquantized model as it loads (the quantized one goes where quantization.device_map
     says); `fsdp_precision`: the training precision, when FSDP is to shard the model (the 4-bit weights are
-    stored in the dtype it gathers them in, quantization.sharded_storage)."""
+    stored in the dtype it gathers them in, quantization.sharded_storage); `options`: the task's (a classifier's
+    classes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -137,7 +139,7 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     with fetching(model):
         loaded = model_class.from_pretrained(
             model.model_name, revision=model.revision, dtype=getattr(torch, dtype), use_safetensors=True,
-            attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs)
+            attn_implementation="sdpa", trust_remote_code=model.trust_remote_code, **kwargs, **(options or {}))
     if quantization is not None:
         unpacked_4bit_layers(loaded, all_layers=False)
     return loaded
@@ -183,17 +185,18 @@ def require_safetensors(folder: Path, *names: str) -> None:
 
 
 def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "float32", device_map: str | None = None):
-    """The fine-tuned model as the train stage left it, read from its own train_config.json: a full model, or the
-    base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top; weights that are not 4-bit in
-    `dtype` (the adapter's own stay fp32, as peft keeps them), placed by `device_map`."""
+    """The fine-tuned model as the train stage left it, read from its own train_config.json (its task's model class):
+    a full model, or the base (in 4-bit for QLoRA, unless `quantized` is false) with the adapter on top; weights
+    that are not 4-bit in `dtype` (the adapter's own stay fp32, as peft keeps them), placed by `device_map`."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    config = read_train_config(finetuned_dir)
+    from finetune.tasks import loading_options, task_of
+
+    config, model_class = read_train_config(finetuned_dir), task_of(finetuned_dir).model_class()
     if config["train"]["method"] == "full":
         require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
-        return AutoModelForCausalLM.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
-                                                    dtype=getattr(torch, dtype), device_map=device_map)
+        return model_class.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
+                                           dtype=getattr(torch, dtype), device_map=device_map)
     from peft import PeftModel
 
     require_safetensors(finetuned_dir, "adapter_model.safetensors")
@@ -201,7 +204,8 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "fl
     known = {f.name for f in dataclasses.fields(QuantizationParams)}  # train_config.json may hold retired keys
     quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
         if config["train"]["method"] == "qlora" and quantized else None
-    base = load_base_model(ModelParams(**config["model"]), quant, dtype, device_map=device_map)
+    base = load_base_model(ModelParams(**config["model"]), quant, dtype, model_class, device_map=device_map,
+                           options=loading_options(finetuned_dir))
     fit_embeddings(base, config.get("tokenizer_size", 0))  # the tokens a chat template added
     return PeftModel.from_pretrained(base, finetuned_dir)
 
@@ -277,6 +281,17 @@ def check_target_modules(model, lora, model_name: str) -> None:
         if missing:
             raise StageError(f"lora.{key}: {', '.join(missing)} names no module of {model_name}; its linear layers "
                              f"are {', '.join(linear)} (or use lora.target_modules: all-linear)")
+
+
+def trained_in_fp32(model):
+    """The peft model with the copies of base modules it trains (modules_to_save: a classifier's head, which peft
+    adds itself) in fp32, master weights as the adapters have, when the frozen base loaded in 16 bits."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if ".modules_to_save." in name and parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return model
 
 
 def trainable_parameters(model) -> tuple[int, int]:

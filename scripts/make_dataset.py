@@ -77,28 +77,29 @@ def random_sentence(rng: random.Random) -> tuple[str, str]:
 
 
 def instruction_pair(rng: random.Random) -> dict[str, str]:
-    """One task example in the instruction format the fine-tuned model learns."""
+    """One task example in the instruction format the fine-tuned model learns, with the kind of transformation it
+    asks for as its `label` (the bundled classification task: task.type classification reads prompt and label)."""
     task = rng.randrange(7)
     if task == 0:
         iso, long = random_date(rng)
-        return {"prompt": f"Write the date {iso} in words.", "response": long}
+        return {"prompt": f"Write the date {iso} in words.", "response": long, "label": "date_to_words"}
     if task == 1:
         iso, long = random_date(rng)
-        return {"prompt": f"Convert {long} to ISO format.", "response": iso}
+        return {"prompt": f"Convert {long} to ISO format.", "response": iso, "label": "date_to_iso"}
     if task == 2:
         n = rng.randint(0, 999)
-        return {"prompt": f"Spell out the number {n}.", "response": number_words(n)}
+        return {"prompt": f"Spell out the number {n}.", "response": number_words(n), "label": "number_to_words"}
     if task == 3:
         n = rng.randint(0, 999)
-        return {"prompt": f"Write {number_words(n)} in digits.", "response": str(n)}
+        return {"prompt": f"Write {number_words(n)} in digits.", "response": str(n), "label": "number_to_digits"}
     if task == 4:
         quantity, target_name, converted = random_quantity(rng)
-        return {"prompt": f"Convert {quantity} to {target_name}.", "response": converted}
+        return {"prompt": f"Convert {quantity} to {target_name}.", "response": converted, "label": "unit_conversion"}
     if task == 5:
         clock, twelve = random_clock(rng)
-        return {"prompt": f"Convert {clock} to 12-hour time.", "response": twelve}
+        return {"prompt": f"Convert {clock} to 12-hour time.", "response": twelve, "label": "clock_12h"}
     singular, plural = random_sentence(rng)
-    return {"prompt": f"Rewrite in the plural: {singular}", "response": plural}
+    return {"prompt": f"Rewrite in the plural: {singular}", "response": plural, "label": "plural"}
 
 
 SYSTEM = "You convert dates, numbers, units, clock times and sentences. Answer with the result only."

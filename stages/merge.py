@@ -34,7 +34,8 @@ def main() -> None:
     share_machine()  # this run's share of the cores and GPUs of its own, before CUDA starts
     metrics = merge(load_params(sections=SECTIONS, writes=("export.merged_dir",)), args.test)
     write_json(args.metrics, nest("merge_check", metrics))
-    print(f"the merged model agrees with the adapter on {metrics['greedy_agreement']:.0%} of "
+    agreeing = "greedy_agreement" if "greedy_agreement" in metrics else "prediction_agreement"  # a classifier's
+    print(f"the merged model agrees with the adapter on {metrics[agreeing]:.0%} of "
           f"{metrics['examples']} test prompts (largest logit difference {metrics['max_abs_logit_diff']:.2g}); "
           f"{args.metrics}")
 

@@ -23,7 +23,7 @@ from finetune.io import write_json
 from finetune.metrics import nest
 from finetune.resources import share_machine
 
-SECTIONS = ["data", "prepare", "model", "evaluate"]  # of params.yaml, checked here
+SECTIONS = ["task", "data", "prepare", "model", "evaluate"]  # of params.yaml, checked here
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from finetune.training import ranks
 from finetune.training.launch import WORKER_ENV, die_with_parent, launch, launched
 from finetune.training.run import train
 
-SECTIONS = ["model", "train", "lora", "quantization", "tracking", "prepare", "distributed"]  # checked here
+SECTIONS = ["task", "model", "train", "lora", "quantization", "tracking", "prepare", "distributed"]  # checked here
 
 
 def main() -> None:

@@ -152,7 +152,8 @@ def run_train(params):
 def run_evaluate(params, which: str):
     from finetune.evaluation import evaluate
 
-    return evaluate(params, which, argument("evaluate", "--test"))
+    metrics, records, _ = evaluate(params, which, argument("evaluate", "--test"))
+    return metrics, records
 
 
 def run_merge(params):

@@ -121,7 +121,7 @@ def records(n: int) -> list[dict]:
 # case -> (stage and its arguments, params to set, files to write, exit status, message)
 REFUSED = {
     "output folder is the repository": (["train"], {"train.output_dir": "."}, {},
-                                        "params.yaml:36: train.output_dir: . is the repository itself"),
+                                        "params.yaml:41: train.output_dir: . is the repository itself"),
     "output folder holds the base model": (["train"], {"train.output_dir": "models"}, {},
                                            "train.output_dir: models would overwrite the base model"),
     "merged folder over tracked code": (["merge"], {"export.merged_dir": "scripts"}, {},

@@ -38,8 +38,9 @@ from finetune.memory import (
     size,
     skeleton,
 )
+from finetune.tasks import task_for
 
-SECTIONS = ["model", "train", "lora", "quantization", "prepare", "distributed"]
+SECTIONS = ["task", "model", "train", "lora", "quantization", "prepare", "distributed"]
 
 
 def overridden(text: str, overrides: list[str]) -> str:
@@ -75,16 +76,17 @@ def main() -> None:
     train = params.train
     precision = "fp16" if train.fp16 else "bf16" if train.bf16 else "fp32"
     processes = args.nodes * params.distributed.nproc_per_node  # FSDP shards over all of them
+    model_class = task_for(params.task.type).model_class()  # a classifier: a head of a few logits, no LM head
     if args.config:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(args.config.parent if args.config.name == "config.json" else args.config)
-        plan = for_processes(estimate(skeleton(config), train, params.lora, params.quantization,
+        plan = for_processes(estimate(skeleton(config, model_class), train, params.lora, params.quantization,
                                       micro_batch_tokens(train, params.prepare),
                                       train.per_device_eval_batch_size * params.prepare.max_length, precision),
                              params, processes, config)
     else:
-        plan = plan_run(params, precision, processes=processes)
+        plan = plan_run(params, precision, model_class, processes=processes)
     if args.memory_gib is not None:
         available, where = args.memory_gib * 2**30, f" ({args.memory_gib:g} GiB)"
     else:

@@ -37,6 +37,7 @@ from finetune.errors import StageError
 from finetune.evaluation import load_model
 from finetune.generation import generate
 from finetune.models import load_tokenizer
+from finetune.tasks import task_of, task_of_export
 from finetune.tasks.causal_lm import CHAT_TEMPLATE_MARKER, CONVERSATION_MARKER
 
 GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # what merge saves; options override them
@@ -166,7 +167,12 @@ def run(params: Params, prompts: list[str | list[dict]], which: str = "finetuned
 
     which, params, folder = model_source(params, which, model_dir)
     settings, generation_note = generation_settings(params, which, folder, options or {})
-    model = load_model(params, which)  # says what to run first when the folder is missing or incomplete
+    task = task_of(folder) if which == "finetuned" else task_of_export(folder)
+    if task.name != "causal_lm":
+        raise StageError(f"{folder} is a {task.name} model (params task.type) and generates nothing: the evaluate "
+                         "stage scores it, and it loads with transformers' AutoModelForSequenceClassification "
+                         "(README \"Classification\")")
+    model = load_model(params, which, task)  # says what to run first when the folder is missing or incomplete
     tokenizer = load_tokenizer(ModelParams(model_name=str(folder)))
     render, template_note = prompt_template(tokenizer, params, folder)
     print(f"predict: {len(prompts)} prompts, {which} model {folder} ({next(model.parameters()).device})\n"

@@ -150,13 +150,16 @@ def differing_examples(base: str, exp: str | None, new_name: str, limit: int) ->
         new = read_jsonl(Path(PREDICTIONS))
     if not old or not new:
         return ["Predictions are not available for both revisions."]
-    before = {row["prompt"]: row for row in old}  # by prompt: a reordered or resized test split still pairs up
-    pairs = [(before[b["prompt"]], b) for b in new
-             if b["prompt"] in before and before[b["prompt"]]["prediction"] != b["prediction"]]
+    def text(row: dict) -> str:  # a generator's prompt, a classifier's text
+        return row["prompt"] if "prompt" in row else row["text"]
+
+    before = {text(row): row for row in old}  # by prompt: a reordered or resized test split still pairs up
+    pairs = [(before[text(b)], b) for b in new
+             if text(b) in before and before[text(b)]["prediction"] != b["prediction"]]
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", "<br>")[:160]
 
-    rows = [[cell(a["prompt"].strip()), cell(a["reference"]), cell(a["prediction"]), cell(b["prediction"])]
+    rows = [[cell(text(a).strip()), cell(a["reference"]), cell(a["prediction"]), cell(b["prediction"])]
             for a, b in pairs[:limit]]
     return [(f"{len(pairs)} of {len(new)} test predictions of the fine-tuned model differ; the first "
              f"{min(limit, len(pairs))}:"), "",

@@ -29,11 +29,13 @@ if TYPE_CHECKING:
     from finetune.config.hardware import Hardware
     from finetune.config.model import LoraParams, ModelParams, QuantizationParams
     from finetune.config.resources import ResourcesParams
+    from finetune.config.task import TaskParams
     from finetune.config.tracking import TrackingParams
     from finetune.config.train import TrainParams
 
 # section -> the module and class of its schema, in params.yaml's order
 SECTIONS = {
+    "task": ("finetune.config.task", "TaskParams"),
     "data": ("finetune.config.data", "DataParams"),
     "prepare": ("finetune.config.data", "PrepareParams"),
     "model": ("finetune.config.model", "ModelParams"),
@@ -59,6 +61,7 @@ PARAMS_FILE = Path("params.yaml")
 @dataclass
 class Params:
     """params.yaml's sections; those a stage did not load are None."""
+    task: TaskParams | None = None
     data: DataParams | None = None
     prepare: PrepareParams | None = None
     model: ModelParams | None = None

@@ -20,6 +20,7 @@ import numpy as np
 
 from finetune.batching import IGNORE_INDEX
 from finetune.config.params import Params
+from finetune.config.task import TaskParams
 from finetune.data.chat import setup_chat
 from finetune.data.prepared import META, split_file
 from finetune.data.records import BadRecords
@@ -29,6 +30,7 @@ from finetune.data.tokenize import KEPT, data_format, tokenized
 from finetune.errors import StageError
 from finetune.models import load_tokenizer
 from finetune.outputs import refuse_foreign, replacing
+from finetune.tasks import classification
 
 SPLIT_COLUMNS = {"train": ("input_ids", "labels", "source"), "validation": ("input_ids", "labels", "source"),
                  "test": ("input_ids", "labels", "prompt", "response", "source", "messages")}
@@ -75,24 +77,33 @@ def prepare(params: Params, out_dir: Path) -> dict:
         sources = {"data": read_raw(Path(data.path), bad, scratch / "raw")}
         sources |= {name: read_raw(Path(getattr(data, f"{name}_path")), bad, scratch / name)
                     for name in ("validation", "test") if getattr(data, f"{name}_path")}
-        conversational = [name for name, source in sources.items() if data_format(source, data)[0]]
+        task = params.task or TaskParams()  # a caller that loaded no task section: causal_lm
+        classify = task.type == "classification"
+        conversational = [name for name, source in sources.items() if data_format(source, data, task)[0]]
         chat = setup_chat(tokenizer, prep.chat_template, params.model.model_name) \
-            if conversational or prep.chat_template else None
+            if (conversational or prep.chat_template) and not classify else None
         if chat and chat.added_tokens:
             print(f"chat template: added {', '.join(chat.added_tokens)} to the tokenizer (trained with the model)")
         tables, counts = {}, {"truncated": 0, "dropped_overlong": 0}
         for name, source in sources.items():
             table = tokenized(source, data, prep, tokenizer, chat is not None, processes(prep.num_proc, len(
-                source.dataset)), str(scratch / f"{name}.tokenized.arrow"), source.path.name)
+                source.dataset)), str(scratch / f"{name}.tokenized.arrow"), source.path.name, task)
             tables[name] = table, kept_rows(table, bad, counts)
         table, kept = tables["data"]
         if not len(kept):
             raise StageError(f"{data.path}: no usable examples")
         responses = table.data.table.column("response").take(kept).to_pylist() \
-            if data.stratify is not False else None
-        labels = split_labels(responses, data, params.evaluate) if responses is not None else None
+            if data.stratify is not False or classify else None
+        if classify:  # the labels themselves, as they are
+            labels = responses if data.stratify is not False else None
+        else:
+            labels = split_labels(responses, data, params.evaluate) if responses is not None else None
         positions = split_examples(list(range(len(kept))), 0 if data.validation_path else data.validation_ratio,
                                    0 if data.test_path else data.test_ratio, data.seed, labels)
+        if classify and (moved := classification.training_holds_every_class(positions, responses)):
+            print(f"warning: {len(moved)} class(es) had no training example after the split ({', '.join(moved[:5])}"
+                  f"{', ...' if len(moved) > 5 else ''}): one example of each moved from validation/test to "
+                  "training", file=sys.stderr)
         if labels:
             print(f"split: stratified by {len(set(labels))} labels (data.stratify: {str(data.stratify).lower()})")
             warning = rare_labels_warning({n: [labels[p] for p in positions[n]] for n in SPLITS})
@@ -100,13 +111,43 @@ def prepare(params: Params, out_dir: Path) -> dict:
                 print(f"warning: {warning}", file=sys.stderr)
         chosen = {name: (table, kept[np.asarray(positions[name], dtype=np.int64)]) for name in SPLITS}
         chosen |= {name: tables[name] for name in ("validation", "test") if name in tables}
-        stats = write_splits(chosen, out_dir, prep, {"format": "conversations" if conversational else "pairs",
-                                                     "chat": chat.meta() if chat else None})
+        meta = {"task": task.type, "format": "conversations" if conversational else "pairs",
+                "chat": chat.meta() if chat else None}
+        if classify:
+            meta |= class_meta(chosen)
+            print(f"classes: {len(meta['labels'])} ({', '.join(meta['labels'][:10])}"
+                  f"{', ...' if len(meta['labels']) > 10 else ''}), from the training split's labels")
+        stats = write_splits(chosen, out_dir, prep, meta)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     ordered = {f"{name}_examples": stats.pop(f"{name}_examples") for name in SPLITS}
     supervised = stats.pop("supervised_tokens_train")
-    return ordered | counts | bad.stats() | stats | {"supervised_tokens_train": supervised}
+    classes = {"classes": len(meta["labels"])} if classify else {}
+    return ordered | classes | counts | bad.stats() | stats | {"supervised_tokens_train": supervised}
+
+
+def class_meta(chosen: dict) -> dict:
+    """Classification: the classes (the training split's labels, sorted; a class's id is its place) and their
+    training examples; a validation or test label that training does not have is refused by file and line."""
+    def column(name: str, field: str) -> list[str]:
+        table, indices = chosen[name]
+        return table.data.table.column(field).take(indices).to_pylist()
+
+    counts = classification.label_counts(column("train", "response"), "the training split")
+    classes = sorted(counts)
+    for name in ("validation", "test"):
+        classification.unseen_labels(column(name, "response"), column(name, "source"), classes, name)
+    return {"labels": classes, "label_counts": counts}
+
+
+def class_ids(batch, classes: list[str], labels_type):
+    """A batch's `labels` column: each row's class id (the place of its label, `response`, among `classes`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pc.index_in(batch.column("response").combine_chunks(), value_set=pa.array(classes)).cast(pa.int32())
+    offsets = pa.array(np.arange(len(ids) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, ids, type=labels_type)
 
 
 def kept_rows(table, bad: BadRecords, counts: dict) -> np.ndarray:
@@ -133,18 +174,26 @@ def write_splits(chosen: dict, out_dir: Path, prep, meta: dict) -> dict:
 
     stats: dict = {}
     lengths: list[np.ndarray] = []
+    classes = meta.get("labels")
     with replacing(out_dir, "prepared", "the prepare stage's output") as staged:
         for name in SPLITS:
             table, indices = chosen[name]
             if not len(indices):
                 raise StageError(f"prepare: the {name} split is empty after filtering (prepare.max_length="
                                  f"{prep.max_length}); add data or raise max_length")
-            columns = table.data.table.select(list(SPLIT_COLUMNS[name])).replace_schema_metadata(None)
+            kept = list(SPLIT_COLUMNS[name])
+            read = kept + ["response"] if classes and "response" not in kept else kept
+            columns = table.data.table.select(read).replace_schema_metadata(None)
             supervised = 0
             with pa.OSFile(str(split_file(staged, name)), "wb") as sink, \
-                    pa.ipc.new_stream(sink, columns.schema) as writer:
+                    pa.ipc.new_stream(sink, columns.select(kept).schema) as writer:
                 for start in range(0, len(indices), WRITE_BATCH):
                     batch = columns.take(indices[start:start + WRITE_BATCH]).combine_chunks()
+                    if classes:  # the labels mapped to class ids, once, here
+                        place = batch.schema.get_field_index("labels")
+                        batch = batch.set_column(place, "labels", class_ids(batch, classes,
+                                                                            batch.schema.field("labels").type))
+                    batch = batch.select(kept)
                     writer.write_table(batch)
                     lengths.append(pc.list_value_length(batch["input_ids"]).to_numpy())
                     supervised += pc.sum(pc.not_equal(pc.list_flatten(batch["labels"]), IGNORE_INDEX)).as_py()

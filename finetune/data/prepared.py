@@ -8,18 +8,24 @@ from pathlib import Path
 
 from finetune.errors import StageError
 
-META = "prepared.json"  # {"format": "pairs"|"conversations", "chat": the chat setup or null, "examples": {...}}
+META = "prepared.json"  # {"task", "format": "pairs"|"conversations", "chat": the chat setup or null, "examples": {...},
+#                          classification: "labels" (the classes, by id) and "label_counts" (training examples of each)}
 
 
 def split_file(prepared_dir: Path, name: str) -> Path:
     return Path(prepared_dir) / f"{name}.arrow"
 
 
-def read_meta(prepared_dir: Path) -> dict:
+def read_meta(prepared_dir: Path, task: str | None = None) -> dict:
+    """prepared.json; with `task`, refused unless the data was prepared for that task (params task.type)."""
     path = Path(prepared_dir) / META
     if not path.exists():
         raise StageError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if task is not None and meta.get("task", "causal_lm") != task:
+        raise StageError(f"{prepared_dir} was prepared for task.type {meta.get('task', 'causal_lm')}, not {task}: "
+                         "rerun the prepare stage (dvc repro prepare)")
+    return meta
 
 
 def open_split(path: Path):

@@ -13,11 +13,13 @@ import sys
 
 from finetune.batching import IGNORE_INDEX
 from finetune.config.data import DataParams, PrepareParams
+from finetune.config.task import TaskParams
 from finetune.data.chat import render, tokenize_conversations, turns
 from finetune.data.records import field_names, pair_of
 from finetune.data.sources import RawData
 from finetune.errors import StageError
 from finetune.io import progress
+from finetune.tasks import classification
 from finetune.tasks.causal_lm import tokenize_pairs
 
 KEPT = ("ok", "truncated")
@@ -33,9 +35,12 @@ def features():
                      for name, kind in COLUMNS.items()})
 
 
-def data_format(raw: RawData, data: DataParams) -> tuple[str | None, tuple | None]:
-    """(the conversation field, None) or (None, the prompt/input/response fields), from params or the fields."""
+def data_format(raw: RawData, data: DataParams, task: TaskParams | None = None) -> tuple[str | None, tuple | None]:
+    """(the conversation field, None) or (None, the prompt/input/response fields), from params or the fields; for
+    classification (None, the text and label fields)."""
     fields = raw.fields()
+    if task is not None and task.type == "classification":
+        return None, classification.fields(task, fields, raw.path)
     if data.messages_field:
         return data.messages_field, None
     if not data.prompt_field:
@@ -50,9 +55,11 @@ class Tokenize:
 
     offset = 0  # of the rows mapped within the file, when they are mapped a part at a time
 
-    def __init__(self, raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer, chat: bool):
+    def __init__(self, raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer, chat: bool,
+                 task: TaskParams | None = None):
         self.raw, self.prepare, self.tokenizer, self.chat = raw, prepare, tokenizer, chat
-        self.conversation_field, self.pair_fields = data_format(raw, data)
+        self.classify = task is not None and task.type == "classification"
+        self.conversation_field, self.pair_fields = data_format(raw, data, task)
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         indices = [i + self.offset for i in indices]
@@ -70,12 +77,15 @@ class Tokenize:
         if self.chat:
             self.conversations(out, good)
         else:
-            for (n, _), (record, status) in zip(good, tokenize_pairs([p for _, p in good], self.tokenizer,
-                                                                      self.prepare), strict=True):
+            encode = classification.tokenize_texts if self.classify else tokenize_pairs
+            for (n, _), (record, status) in zip(good, encode([p for _, p in good], self.tokenizer, self.prepare),
+                                                strict=True):
                 self.result(out, n, record, status)
         return out
 
     def parse(self, record: dict):
+        if self.classify:
+            return classification.example_of(record, *self.pair_fields)
         field = self.conversation_field
         if field is None:
             pair, problem = pair_of(record, self.pair_fields)
@@ -125,7 +135,7 @@ class Tokenize:
 
 
 def tokenized(raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer, chat: bool, num_proc: int,
-              cache_file: str, name: str):
+              cache_file: str, name: str, task: TaskParams | None = None):
     """`raw` tokenized, one output row per record (see the module's docstring), memory-mapped from `cache_file`.
     On a terminal `datasets` draws its bar; in a log the rows go in up to ten parts, a plain line after each."""
     import datasets
@@ -134,7 +144,7 @@ def tokenized(raw: RawData, data: DataParams, prepare: PrepareParams, tokenizer,
     rows = raw.dataset
     if len(rows) == 0:
         raise StageError(f"{raw.path}: no usable examples")
-    function = Tokenize(raw, data, prepare, tokenizer, chat)
+    function = Tokenize(raw, data, prepare, tokenizer, chat, task)
     options = dict(function=function, batched=True, batch_size=1000, with_indices=True,
                    remove_columns=rows.column_names, features=features(), load_from_cache_file=False,
                    num_proc=num_proc if num_proc > 1 else None)

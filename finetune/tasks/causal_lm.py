@@ -213,11 +213,18 @@ def confusion_rows(predictions: list[str], references: list[str], evaluate: Eval
 class CausalLM:
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
+    packs = True
 
     def model_class(self):
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
+
+    def model_options(self, classes: list[str] | None = None, pad_token_id: int | None = None) -> dict:
+        return {}
+
+    def loss(self, meta: dict, task) -> tuple[None, None]:
+        return None, None  # the model's own: mean cross-entropy over the trained tokens
 
     def tokenize(self, example: Example, tokenizer, prepare: PrepareParams) -> tuple[dict | None, str]:
         return tokenize_example(example, tokenizer, prepare)
@@ -265,3 +272,8 @@ class CausalLM:
             for record, messages in zip(records, column(rows, "messages"), strict=True):
                 record["messages"] = json.loads(messages)
         return metrics, records
+
+    def plots(self, records: list[dict], evaluate: EvaluateParams) -> dict[str, list[dict]]:
+        """The confusion matrix of labels parsed from the generations, when the answers are labels."""
+        return {"confusion": confusion_rows([r["prediction"] for r in records], [r["reference"] for r in records],
+                                            evaluate), "per_class": [], "calibration": []}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from finetune.batching import real_tokens
 from finetune.errors import StageError
 from finetune.io import write_json
 from finetune.outputs import file_digest, written_files
-from finetune.training import study_storage
+from finetune.training import TRIAL_ENV, study_storage
 from finetune.training.checkpoints import MARKER, latest_checkpoint
 from finetune.training.ranks import barrier, is_main, summed, world_size
 
@@ -62,6 +63,16 @@ class DivergenceGuard(TrainerCallback):
         bad = 0.0 if torch.isfinite(norm) else 1.0
         if (summed(bad)[0] if sharded else bad):
             raise diverged(state.global_step + 1, f"gradient norm is {norm.item()}", self.output_dir)
+
+
+def trial_pruning(world_size: int):
+    """The pruning callback when a search runs this training as a trial that reports to a pruner, else None."""
+    if not os.environ.get(TRIAL_ENV):
+        return None
+    if world_size > 1:  # only the main process could hear the pruner
+        raise StageError("a search trial that reports to a pruner trains on one process; set pruner: none in "
+                         "the search config to run its trials on several")
+    return TrialPruning(os.environ[TRIAL_ENV])
 
 
 class TrialPruning(TrainerCallback):

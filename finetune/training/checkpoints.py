@@ -43,9 +43,10 @@ def fingerprint(params: Params, prepared_dir: Path, processes: int = 1) -> str:
     package = Path(__file__).resolve().parent.parent
     code = sorted([*package.glob("training/*.py"), *package.glob("tasks/*.py"), package / "batching.py",
                    package / "models.py", package / "quantization.py", package / "config/train.py",
-                   package / "config/model.py"])
+                   package / "config/model.py", package / "config/task.py"])
     identity = {
         "model": as_dict(params.model), "train": train, "lora": as_dict(params.lora),
+        "task": as_dict(params.task) if params.task and params.task.type != "causal_lm" else None,
         "row_length": params.prepare.max_length,
         "quantization": as_dict(params.quantization) if params.train.method == "qlora" else None,
         "data": {name: file_digest(prepared_dir / name) for name in ("train.arrow", "validation.arrow", META)},

@@ -150,3 +150,10 @@ def out_of_memory(params, plan, output_dir) -> Exception:
         f"train.gradient_checkpointing: true (now {'on' if train.checkpointing else 'off'}); prepare.max_length "
         f"(now {params.prepare.max_length}); train.method: qlora (now {train.method}). "
         + (f"Rerunning resumes from {last}." if last else "No checkpoint was written yet."))
+
+
+def peak_against_plan(plan, device: str, resident_at_start: float, kind: str | None) -> dict:
+    """The measured peak beside the memory plan's estimate, and their ratio (on CPU, the rise above the start)."""
+    peak = peak_memory(device, resident_at_start, kind)
+    measured = peak.get("peak_memory_above_start_mb", peak["peak_memory_mb"])
+    return {**peak, "memory_plan": plan.summary_mb(), "peak_over_plan": round(measured * 2**20 / plan.total, 3)}

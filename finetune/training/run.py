@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from finetune.models import (
     load_tokenizer,
     lora_config,
     trainable_parameters,
+    trained_in_fp32,
     training_dtype,
     upcasts_embeddings,
 )
@@ -47,14 +49,14 @@ from finetune.tasks import task_for
 from finetune.tasks.causal_lm import token_counts
 from finetune.tracking import Tracking
 from finetune.tracking.history import read_series, summarize
-from finetune.training import TRIAL_ENV, ranks
+from finetune.training import ranks
 from finetune.training.callbacks import (
     CheckpointMarker,
     DivergenceGuard,
     QuietProgressBar,
     StepTimer,
-    TrialPruning,
     guarded_trainer_class,
+    trial_pruning,
 )
 from finetune.training.checkpoints import (
     FINISHED,
@@ -71,7 +73,7 @@ from finetune.training.checkpoints import (
 from finetune.training.precision import (
     choose_precision,
     out_of_memory,
-    peak_memory,
+    peak_against_plan,
     reset_peak_memory,
     resident_mb,
     training_arguments,
@@ -85,7 +87,7 @@ class TrainingRun:
         self.metrics_file, self.history_dir = Path(metrics_file), Path(history_dir)
         self.output_dir, self.finetuned_dir = Path(params.train.output_dir), Path(params.train.finetuned_dir)
         self.staged_history = self.output_dir / LIVE_STAGING
-        self.task = task_for("causal_lm")
+        self.task = task_for(params.task.type if params.task else "causal_lm")
         self.main = ranks.is_main()
 
     def run(self) -> dict:
@@ -132,12 +134,14 @@ class TrainingRun:
 
         set_seed(train.seed)
         train_rows, val_rows = (training_split(self.prepared_dir, name) for name in ("train", "validation"))
-        batches = token_budget_batches(token_counts(train_rows), train, params.prepare) \
+        batches = token_budget_batches(token_counts(train_rows), replace(train, packing=train.packing and
+                                                                         self.task.packs), params.prepare) \
             if train.max_tokens_per_batch else None
         for message in schedule_warnings(train, len(train_rows), len(batches) if batches else None):
             print(f"warning: {message}", file=sys.stderr)
         tokenizer = load_tokenizer(params.model)
-        self.chat = read_meta(self.prepared_dir)["chat"]
+        self.meta = meta = read_meta(self.prepared_dir, self.task.name)
+        self.chat = meta["chat"]
         apply_chat(tokenizer, self.chat)  # conversations: the template, tokens and EOS prepare used
         self.plan = plan_run(params, precision.dtype, self.task.model_class(), len(tokenizer),
                              bool(self.chat and self.chat["added_tokens"]), ranks.world_size())  # before any load
@@ -147,7 +151,8 @@ class TrainingRun:
         model = load_base_model(params.model, params.quantization if method == "qlora" else None, frozen_dtype,
                                 self.task.model_class(), fsdp_precision=precision.dtype
                                 if getattr(params.distributed, "strategy", None) == "fsdp" and ranks.world_size() > 1
-                                else None)
+                                else None, options=self.task.model_options(meta.get("labels"),
+                                                                           tokenizer.pad_token_id))
         new_tokens = fit_chat_tokens(model, tokenizer, self.chat)
         model.config.use_cache = False  # the KV cache is for generation; training does not use it
         if method == "qlora":
@@ -156,22 +161,21 @@ class TrainingRun:
         self.base_memory_mb = model.get_memory_footprint() / 2**20
         if method in ("lora", "qlora"):
             check_target_modules(model, params.lora, params.model.model_name)
-            model = get_peft_model(model, lora_config(params.lora, self.task.peft_task_type, new_tokens))
+            model = trained_in_fp32(get_peft_model(model, lora_config(params.lora, self.task.peft_task_type,
+                                                                      new_tokens)))
         collator = self.task.collator(tokenizer, train, params.prepare, model, train_rows)
         self.parameters = trainable, total = trainable_parameters(model)  # before FSDP shards them
         print(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%), "
               f"base weights {self.base_memory_mb:.1f} MB")
 
         self.timer = StepTimer()
-        if os.environ.get(TRIAL_ENV) and ranks.world_size() > 1:  # only the main process could hear the pruner
-            raise StageError("a search trial that reports to a pruner trains on one process; set pruner: none in "
-                             "the search config to run its trials on several")
-        self.pruning = TrialPruning(os.environ[TRIAL_ENV]) if os.environ.get(TRIAL_ENV) else None
+        self.pruning = trial_pruning(ranks.world_size())
         callbacks = [self.timer, DivergenceGuard(train.output_dir), CheckpointMarker(self.fingerprint),
                      *shared_threads()]  # the cores' share followed as other runs start and end
+        loss, self.class_weights = self.task.loss(meta, params.task)  # None: the model's own loss
         self.trainer = guarded_trainer_class()(
             model=model, args=training_arguments(train, precision, params.distributed), train_dataset=train_rows,
-            eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer,
+            eval_dataset=val_rows, data_collator=collator, processing_class=tokenizer, compute_loss_func=loss,
             callbacks=callbacks + ([self.pruning] if self.pruning else []))
         self.trainer.token_batches = batches
         # StepLog prints one line per log; the Trainer's own printers would add each log again as a raw dict
@@ -232,19 +236,13 @@ class TrainingRun:
             "lora": as_dict(params.lora), "quantization": as_dict(params.quantization), "device": precision.device,
             "precision": precision.dtype, "precision_reason": precision.reason, "processes": ranks.world_size(),
             "strategy": ranks.strategy(trainer.model), "distributed": as_dict(params.distributed),
-            "tokenizer_size": len(tokenizer), "chat": self.chat is not None, "versions": versions()})
+            "tokenizer_size": len(tokenizer), "chat": self.chat is not None, "pad_token_id": tokenizer.pad_token_id,
+            "labels": self.meta.get("labels"), "class_weights": self.class_weights, "versions": versions()})
 
     def finish(self) -> None:
         ranks.barrier()
         if self.main:
             (self.output_dir / FINISHED).touch()  # last: a run that stops before this point resumes instead
-
-    def memory(self) -> dict:
-        """The measured peak beside the plan's estimate, and their ratio (on CPU, the rise above the start)."""
-        peak = peak_memory(self.precision.device, self.resident_at_start, self.peak_kind)
-        measured = peak.get("peak_memory_above_start_mb", peak["peak_memory_mb"])
-        return {**peak, "memory_plan": self.plan.summary_mb(),
-                "peak_over_plan": round(measured * 2**20 / self.plan.total, 3)}
 
     def final_metrics(self, started: float) -> dict:
         trainer, train, state, precision = self.trainer, self.params.train, self.trainer.state, self.precision
@@ -254,6 +252,7 @@ class TrainingRun:
         tokens_real, tokens_computed = ranks.summed(trainer.tokens_real, trainer.tokens_computed)
         pruned_at = self.pruning.pruned_at if self.pruning else None
         return {
+            "task": self.task.name,
             "method": train.method,
             "quantization": quantization_summary(self.params),
             "device": precision.device,
@@ -270,11 +269,12 @@ class TrainingRun:
             "tokens_trained": int(ranks.summed(state.num_input_tokens_seen)[0]),
             # non-padding tokens per second of this session's steps (a resumed run counts only its own part)
             "tokens_per_second": round(tokens_real / self.timer.seconds, 1) if self.timer.seconds else None,
-            "packing": train.packing,
+            "packing": train.packing and self.task.packs,
+            **({"class_weights": self.class_weights} if self.class_weights else {}),
             "padding_fraction": padding_fraction(tokens_real, tokens_computed),
             "train_time_s": round(self.timer.seconds, 2),
             "wall_time_s": round(time.perf_counter() - started, 2),
-            **self.memory(),
+            **peak_against_plan(self.plan, self.precision.device, self.resident_at_start, self.peak_kind),
             "base_weight_memory_mb": round(self.base_memory_mb, 6),
             "effective_batch_size": (train.per_device_train_batch_size * train.gradient_accumulation_steps
                                      * trainer.args.world_size),
