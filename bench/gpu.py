@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -171,6 +172,7 @@ def scaling(model_dir: Path, prepared: Path, work: Path, counts: list[int], step
 
 def main(argv: list[str] | None = None) -> None:
     from finetune.config.params import load_params
+    from finetune.config.task import TaskParams
 
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--toy", action="store_true", help="a tiny model of the same family (CPU is fine)")
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (8 if args.toy else 32)
     lengths, row_length = ((16, 96), 128) if args.toy else ((64, 512), 2048)
 
-    base_params = load_params(ROOT / "params.yaml")
+    # the generator's training is what is measured, whatever task params.yaml names
+    base_params = dataclasses.replace(load_params(ROOT / "params.yaml"), task=TaskParams())
     device = torch.cuda.get_device_name() if cuda else "cpu"
     results: dict = {"device": device, "model": "toy Qwen2" if args.toy else "Qwen2.5-0.5B-shaped (random weights)",
                      "examples_per_step": batch, "example_lengths": lengths, "row_length": row_length}

@@ -56,8 +56,9 @@ def peak_mb() -> float:
 def child(mode: str, data: Path, out: Path, num_proc: int) -> dict:
     from finetune.config.params import load_params
 
-    params = load_params(ROOT / "params.yaml", sections=("task", "data", "prepare", "model", "evaluate", "train",
-                                                        "lora", "quantization"))
+    # no task section: the generator's data is what is measured (prepare reads causal_lm then)
+    params = load_params(ROOT / "params.yaml", sections=("data", "prepare", "model", "evaluate", "train", "lora",
+                                                        "quantization"))
     params.model.model_name = str(ROOT / params.model.model_name)
     params.prepare.num_proc = num_proc
     params.data.path = str(data)

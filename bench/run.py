@@ -430,6 +430,7 @@ def table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from finetune.config.params import load_params
+    from finetune.config.task import TaskParams
 
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     if "flops" in only and "train" not in only:
         parser.error("--only: flops is computed from the train section's throughput; add train")
 
-    params = load_params(ROOT / "params.yaml")
+    # what is measured is the generator's training, whatever task params.yaml names
+    params = dataclasses.replace(load_params(ROOT / "params.yaml"), task=TaskParams())
     results: dict = {"machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                  "cuda": torch.cuda.is_available()}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
