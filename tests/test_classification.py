@@ -164,6 +164,18 @@ def test_gradient_accumulation_gives_the_step_of_the_whole_batch(workdir, weight
         assert torch.allclose(weights_2[name], weight, atol=1e-7, rtol=1e-5), name
 
 
+def test_the_memory_plan_of_a_classifier_has_no_vocabulary_logits(workdir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from finetune.memory import plan_run
+
+    params = load_params()
+    causal = plan_run(params, "fp32", AutoModelForCausalLM).summary_mb()
+    head = plan_run(params, "fp32", AutoModelForSequenceClassification).summary_mb()
+    assert causal["logits_mb"] > 0 and causal["evaluation_logits_mb"] > 0
+    assert head["logits_mb"] == head["evaluation_logits_mb"] == 0  # a few logits a text, not one per token
+
+
 def predictions_with(model, tokenizer, texts: list[str]) -> tuple[list[str], np.ndarray]:
     """A plain transformers classifier's predicted labels and probabilities, batched the user's way."""
     tokenizer.padding_side = "right"
@@ -231,8 +243,12 @@ def test_a_classifier_trains_evaluates_reloads_and_merges(workdir):
 
     from tools import predict
 
-    with pytest.raises(StageError, match="is a classification model .*generates nothing"):
-        predict.run(params, ["Spell out the number 3."])
+    texts = [r["text"] for r in records[:8]]
+    assert predict.run(params, texts) == y_pred[:8]  # predict classifies as evaluate scored
+    for answer, record in zip(predict.predictions(params, texts), records, strict=False):
+        assert answer["probabilities"] == pytest.approx(record["probabilities"], abs=2e-6)
+    with pytest.raises(StageError, match="--max-new-tokens: .* is a classifier, which generates nothing"):
+        predict.run(params, texts, options={"max_new_tokens": 5})
 
     merged = run_merge(params)
     assert merged["prediction_agreement"] == 1.0 and merged["max_abs_logit_diff"] < 1e-4
@@ -331,6 +347,10 @@ def test_bundled_classification_through_dvc_exp_run(tmp_path):
         (repo / "data/prepared/prepared.json").read_text())["labels"])  # the weights the trial trained with
 
     sh(repo, sys.executable, "-m", "dvc", "exp", "apply", "classify")
+    answer = sh(repo, sys.executable, "-m", "tools.predict", "--model", "merged", "--jsonl",
+                "Write the date 2024-02-29 in words.")
+    line = json.loads(next(line for line in answer.splitlines() if line.startswith("{")))
+    assert line["prediction"] == "date_to_words" and sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     page = Path(sh(repo, sys.executable, "-m", "dvc", "plots", "show").strip().splitlines()[-1]
                 .removeprefix("file://"))
     if not browser.chromium():

@@ -16,6 +16,9 @@ merged export saved in its generation_config.json (merge writes them), else para
 reads them; train does not save them, as a generation change must not retrain), then the options below. So by
 default the fine-tuned model answers the test prompts exactly as in outputs/predictions_finetuned.jsonl.
 
+A classifier (params task.type: classification) gives each text's class instead, its text as it is (no template),
+and with --jsonl every class's probability ({"prompt", "prediction", "probabilities"}).
+
 Prints one answer a line to stdout (--jsonl: {"prompt", "prediction"} lines, for answers that span lines); what it
 chose and why goes to stderr. Writes no file. Bad input exits 2 with a one-line message.
 """
@@ -162,16 +165,23 @@ def prompt_template(tokenizer, params: Params, folder: Path):
 
 def run(params: Params, prompts: list[str | list[dict]], which: str = "finetuned", model_dir: str | None = None,
         options: dict | None = None) -> list[str]:
-    """The model's answers to `prompts`, in order: templated as in training, generated as in evaluate."""
+    """The model's answers to `prompts`, in order: templated as in training, generated as in evaluate; a
+    classifier's: the class of each text."""
+    return [answer["prediction"] for answer in predictions(params, prompts, which, model_dir, options)]
+
+
+def predictions(params: Params, prompts: list[str | list[dict]], which: str = "finetuned",
+                model_dir: str | None = None, options: dict | None = None) -> list[dict]:
+    """{"prediction"} of each prompt, in order; a classifier's also {"probabilities"} of every class."""
     from transformers import set_seed
 
     which, params, folder = model_source(params, which, model_dir)
-    settings, generation_note = generation_settings(params, which, folder, options or {})
-    task = task_of(folder) if which == "finetuned" else task_of_export(folder)
-    if task.name != "causal_lm":
-        raise StageError(f"{folder} is a {task.name} model (params task.type) and generates nothing: the evaluate "
-                         "stage scores it, and it loads with transformers' AutoModelForSequenceClassification "
-                         "(README \"Classification\")")
+    options = options or {}
+    task = task_of(folder) if which == "finetuned" and (folder / "train_config.json").exists() else \
+        task_of_export(folder)
+    if task.name == "classification":
+        return classify(params, which, folder, task, prompts, options)
+    settings, generation_note = generation_settings(params, which, folder, options)
     model = load_model(params, which, task)  # says what to run first when the folder is missing or incomplete
     tokenizer = load_tokenizer(ModelParams(model_name=str(folder)))
     render, template_note = prompt_template(tokenizer, params, folder)
@@ -188,7 +198,32 @@ def run(params: Params, prompts: list[str | list[dict]], which: str = "finetuned
         print(f"warning: {templated} prompts already start with the template's text {head!r}; give each prompt "
               "alone, as in the training data: predict adds the template", file=sys.stderr)
     set_seed(settings.seed)
-    return generate(model, tokenizer, texts, settings, add_special_tokens=not chat)
+    return [{"prediction": answer} for answer in generate(model, tokenizer, texts, settings,
+                                                           add_special_tokens=not chat)]
+
+
+def classify(params: Params, which: str, folder: Path, task, texts: list, options: dict) -> list[dict]:
+    """A classifier's class of each text, as the evaluate stage scores it (the text as it is, no template), with
+    every class's probability."""
+    from datasets import Dataset
+
+    from finetune.data.text import encode
+    from finetune.tasks.classification import probabilities
+
+    if given := [key for key in GENERATION_KEYS + ("seed",) if options.get(key) is not None]:
+        raise StageError(f"--{given[0].replace('_', '-')}: {folder} is a classifier, which generates nothing")
+    if any(not isinstance(text, str) for text in texts):
+        raise StageError(f"{folder} is a classifier of texts: give texts, not conversations")
+    model = load_model(params, which, task)
+    tokenizer = load_tokenizer(ModelParams(model_name=str(folder)))
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    print(f"predict: {len(texts)} texts, {which} classifier {folder} ({next(model.parameters()).device}), "
+          f"{len(classes)} classes", file=sys.stderr)
+    rows = Dataset.from_dict({"input_ids": encode(tokenizer, texts, add_special_tokens=True)})
+    probs = probabilities(model, rows, tokenizer.pad_token_id, options.get("batch_size") or params.evaluate.batch_size)
+    return [{"prediction": classes[int(row.argmax())],
+             "probabilities": {label: round(float(p), 6) for label, p in zip(classes, row, strict=True)}}
+            for row in probs]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -216,10 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     # outside the repository, a --model-dir still runs: what the model did not save comes from the defaults
     params = load_params() if PARAMS_FILE.exists() or args.model_dir is None else Params.defaults()
     options = {key: getattr(args, key) for key in (*GENERATION_KEYS, "batch_size", "seed")}
-    answers = run(params, prompts, args.model, args.model_dir, options)
+    answers = predictions(params, prompts, args.model, args.model_dir, options)
     for prompt, answer in zip(prompts, answers, strict=True):
         given = {"prompt": prompt} if isinstance(prompt, str) else {"messages": prompt}
-        print(json.dumps({**given, "prediction": answer}, ensure_ascii=False) if args.jsonl else answer)
+        print(json.dumps({**given, **answer}, ensure_ascii=False) if args.jsonl else answer["prediction"])
 
 
 if __name__ == "__main__":
