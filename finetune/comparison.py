@@ -48,3 +48,18 @@ def markdown(table: dict[str, dict[str, float]]) -> str:
             for metric, row in table.items()]
     lines = markdown_table(["metric", "better when", "base model", "fine-tuned", "change", ""], rows, "lcrrrl")
     return "# Base vs fine-tuned on the test split\n\n" + "\n".join(lines) + "\n"
+
+
+def per_class_markdown(base: dict | None, finetuned: dict | None) -> str:
+    """A classifier's per-class table (each class's support, F1 of both models and the change, and the fine-tuned
+    model's precision and recall), for the review of a change; empty for a model without classes."""
+    if not base or not finetuned:
+        return ""
+    rows = []
+    for label, tuned in finetuned.items():
+        before = base.get(label, {}).get("f1", 0.0)
+        rows.append([label, tuned["support"], f"{before:.3f}", f"{tuned['f1']:.3f}", f"{tuned['f1'] - before:+.3f}",
+                     f"{tuned['precision']:.3f}", f"{tuned['recall']:.3f}"])
+    lines = markdown_table(["class", "test examples", "F1 base", "F1 fine-tuned", "change", "precision", "recall"],
+                           rows, "lrrrrrr")
+    return "\n## Per class (fine-tuned precision and recall)\n\n" + "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from finetune.comparison import bar_rows, compare, headline, markdown
+from finetune.comparison import bar_rows, compare, headline, markdown, per_class_markdown
 from finetune.entrypoint import run_main
 from finetune.errors import StageError
 from finetune.io import write_json, write_text
@@ -41,11 +41,12 @@ def main() -> None:
     for name in ("base", "finetuned", "headline", "deltas", "table", "scores"):
         parser.add_argument(f"--{name}", type=Path, required=True)
     args = parser.parse_args()
-    table = compare(load(args.base), load(args.finetuned))
+    base, finetuned = load(args.base), load(args.finetuned)
+    table = compare(base, finetuned)
     write_json(args.headline, headline(table))
     write_json(args.deltas, nest("delta", {k: row["delta"] for k, row in table.items()}))
     write_json(args.scores, bar_rows(table))
-    write_text(args.table, markdown(table))
+    write_text(args.table, markdown(table) + per_class_markdown(base.get("per_class"), finetuned.get("per_class")))
     print("fine-tuned on the test split: " + ", ".join(f"{k} {v:g}" for k, v in headline(table).items())
           + f" ({args.table}: every metric against the base model)")
 

@@ -176,6 +176,18 @@ def test_the_memory_plan_of_a_classifier_has_no_vocabulary_logits(workdir):
     assert head["logits_mb"] == head["evaluation_logits_mb"] == 0  # a few logits a text, not one per token
 
 
+def test_the_comparison_table_has_a_row_per_class():
+    from finetune.comparison import per_class_markdown
+
+    base = {"a": {"precision": 0.5, "recall": 1.0, "f1": 0.667, "support": 3}}
+    tuned = {"a": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 3},
+             "b": {"precision": 1.0, "recall": 0.5, "f1": 0.667, "support": 2}}
+    lines = per_class_markdown(base, tuned).splitlines()
+    assert "| a | 3 | 0.667 | 1.000 | +0.333 | 1.000 | 1.000 |" in lines
+    assert "| b | 2 | 0.000 | 0.667 | +0.667 | 1.000 | 0.500 |" in lines  # a class the base never predicted
+    assert per_class_markdown(None, None) == ""  # a generator's table has no such section
+
+
 def predictions_with(model, tokenizer, texts: list[str]) -> tuple[list[str], np.ndarray]:
     """A plain transformers classifier's predicted labels and probabilities, batched the user's way."""
     tokenizer.padding_side = "right"
@@ -347,6 +359,8 @@ def test_bundled_classification_through_dvc_exp_run(tmp_path):
         (repo / "data/prepared/prepared.json").read_text())["labels"])  # the weights the trial trained with
 
     sh(repo, sys.executable, "-m", "dvc", "exp", "apply", "classify")
+    table = (repo / "metrics/compare.md").read_text()
+    assert "## Per class" in table and "| date_to_words | " in table  # the per-class table a review reads
     answer = sh(repo, sys.executable, "-m", "tools.predict", "--model", "merged", "--jsonl",
                 "Write the date 2024-02-29 in words.")
     line = json.loads(next(line for line in answer.splitlines() if line.startswith("{")))
