@@ -214,7 +214,9 @@ class QueuedTrial:
             self.relay(line)
 
 
-IDLE_POLLS = 5  # polls in a row with trials pending and no worker running before the workers are started again
+# how long trials may be pending with no worker running before the workers are started again (and, once more,
+# before the search gives up on them): a worker takes seconds to start, many more on a loaded machine
+IDLE_POLLS = 30
 
 
 def run_queued(study, trials: list, config: SearchConfig, settings: dict[int, list[str]],

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import yaml
 
@@ -15,6 +16,7 @@ from finetune.errors import StageError
 from finetune.metrics import unnest
 
 POLL_S = 2  # parallel: how often the queue is checked and the workers' new output passed through
+SHOW_ATTEMPTS = 10  # reads of the experiments a worker starting or stopping at that moment may make fail
 
 
 def dvc(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -77,12 +79,20 @@ def experiment_metrics(name: str) -> dict[str, dict] | None:
     name on another commit is never read)."""
     from dvc.repo import Repo
 
-    with Repo() as repo:
-        for baseline in repo.experiments.show(hide_queued=True, hide_failed=True, hide_workspace=True):
-            for run in baseline.experiments or []:
-                for exp in run.revs:
-                    if exp.name == name and exp.data is not None:
-                        return {path: found.get("data", {}) for path, found in exp.data.metrics.items()}
+    for attempt in range(SHOW_ATTEMPTS):
+        try:
+            with Repo() as repo:
+                shown = repo.experiments.show(hide_queued=True, hide_failed=True, hide_workspace=True)
+            break
+        except FileNotFoundError:  # DVC read a running experiment's info file as its worker started or stopped
+            if attempt == SHOW_ATTEMPTS - 1:
+                raise
+            time.sleep(POLL_S)
+    for baseline in shown:
+        for run in baseline.experiments or []:
+            for exp in run.revs:
+                if exp.name == name and exp.data is not None:
+                    return {path: found.get("data", {}) for path, found in exp.data.metrics.items()}
     return None
 
 
