@@ -190,9 +190,11 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "fl
     that are not 4-bit in `dtype` (the adapter's own stay fp32, as peft keeps them), placed by `device_map`."""
     import torch
 
-    from finetune.tasks import loading_options, task_of
+    from finetune.tasks import task_for
 
-    config, model_class = read_train_config(finetuned_dir), task_of(finetuned_dir).model_class()
+    config = read_train_config(finetuned_dir)
+    task = task_for(config.get("task", "causal_lm"))  # causal_lm before tasks were recorded
+    model_class = task.model_class()
     if config["train"]["method"] == "full":
         require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
         return model_class.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
@@ -205,7 +207,7 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "fl
     quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
         if config["train"]["method"] == "qlora" and quantized else None
     base = load_base_model(ModelParams(**config["model"]), quant, dtype, model_class, device_map=device_map,
-                           options=loading_options(finetuned_dir))
+                           options=task.model_options(config.get("labels"), config.get("pad_token_id")))
     fit_embeddings(base, config.get("tokenizer_size", 0))  # the tokens a chat template added
     return PeftModel.from_pretrained(base, finetuned_dir)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT, argument, copy_dvc_config, run_evaluate, run_merge, run_prepare
+from test_pipeline_dvc import dvc, sh
 
 from finetune.config.params import load_params
 from finetune.errors import StageError
@@ -291,15 +291,16 @@ def test_qlora_and_full_fine_tuning_train_a_classifier(workdir):
     assert predicted == [r["prediction"] for r in records]
 
 
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-       "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com", "HF_HUB_OFFLINE": "1"}
-
-
-def sh(repo: Path, *cmd: str) -> str:
-    done = subprocess.run(cmd, cwd=repo, env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
+def experiment_metrics(repo: Path, name: str) -> dict:
+    """The metrics experiment `name` committed, as `dvc exp show` reads them, every file's merged."""
+    metrics = {}
+    for baseline in json.loads(dvc(repo, "exp", "show", "--json", "--no-fetch")):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                if (rev.get("name") or exp.get("name")) == name:
+                    for file in rev["data"]["metrics"].values():
+                        metrics |= file["data"]
+    return metrics
 
 
 @pytest.mark.e2e
@@ -317,19 +318,12 @@ def test_bundled_classification_through_dvc_exp_run(tmp_path):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, repo / name)
     sh(repo, "git", "init", "-q")
-    sh(repo, sys.executable, "-m", "dvc", "init", "-q")
+    dvc(repo, "init", "-q")
     copy_dvc_config(repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "baseline")
-    sh(repo, sys.executable, "-m", "dvc", "exp", "run", "--name", "classify", "-S", "task.type=classification")
-    shown = json.loads(sh(repo, sys.executable, "-m", "dvc", "exp", "show", "--json", "--no-fetch"))
-    metrics = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp["revs"]:
-                if (rev.get("name") or exp.get("name")) == "classify":
-                    for file in rev["data"]["metrics"].values():
-                        metrics |= file["data"]
+    dvc(repo, "exp", "run", "--name", "classify", "-S", "task.type=classification")
+    metrics = experiment_metrics(repo, "classify")
     base, tuned = metrics["base"], metrics["finetuned"]
     print(f"bundled classification: accuracy {base['accuracy']} base (untrained head), {tuned['accuracy']} "
           f"fine-tuned; macro F1 {base['f1_macro']} -> {tuned['f1_macro']}")
@@ -351,21 +345,17 @@ def test_bundled_classification_through_dvc_exp_run(tmp_path):
     for trial in board["trials"]:
         assert trial["state"] == "complete" and 0.5 < trial["value"] <= 1.0, trial  # its experiment's accuracy
     weighted = next(t for t in board["trials"] if t["params"]["task.class_weights"] == "balanced")["experiment"]
-    trained = json.loads(sh(repo, sys.executable, "-m", "dvc", "exp", "show", "--json", "--no-fetch"))
-    recorded = [rev["data"]["metrics"]["metrics/train.json"]["data"]["training"]
-                for baseline in trained for exp in baseline.get("experiments") or [] for rev in exp["revs"]
-                if (rev.get("name") or exp.get("name")) == weighted]
-    assert recorded and sorted(recorded[0]["class_weights"]) == sorted(json.loads(
+    assert sorted(experiment_metrics(repo, weighted)["training"]["class_weights"]) == sorted(json.loads(
         (repo / "data/prepared/prepared.json").read_text())["labels"])  # the weights the trial trained with
 
-    sh(repo, sys.executable, "-m", "dvc", "exp", "apply", "classify")
+    dvc(repo, "exp", "apply", "classify")
     table = (repo / "metrics/compare.md").read_text()
     assert "## Per class" in table and "| date_to_words | " in table  # the per-class table a review reads
     answer = sh(repo, sys.executable, "-m", "tools.predict", "--model", "merged", "--jsonl",
                 "Write the date 2024-02-29 in words.")
     line = json.loads(next(line for line in answer.splitlines() if line.startswith("{")))
     assert line["prediction"] == "date_to_words" and sum(line["probabilities"].values()) == pytest.approx(1, abs=1e-4)
-    page = Path(sh(repo, sys.executable, "-m", "dvc", "plots", "show").strip().splitlines()[-1]
+    page = Path(dvc(repo, "plots", "show").strip().splitlines()[-1]
                 .removeprefix("file://"))
     if not browser.chromium():
         assert os.environ.get("REQUIRE_BROWSER") != "1", "no Chromium: install Debian's chromium (see README)"

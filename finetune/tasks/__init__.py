@@ -79,10 +79,3 @@ def task_of_export(model_dir: Path) -> Task:
     classifier = any(name.endswith("ForSequenceClassification") for name in architectures)
     return task_for("classification" if classifier else "causal_lm")
 
-
-def loading_options(model_dir: Path) -> dict:
-    """What the base loads with under a fine-tuned folder's task (its train_config.json: a classifier's classes)."""
-    from finetune.models import read_train_config
-
-    config = read_train_config(Path(model_dir))
-    return task_of(model_dir).model_options(config.get("labels"), config.get("pad_token_id"))

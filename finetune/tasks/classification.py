@@ -28,6 +28,7 @@ from finetune.errors import StageError
 from finetune.generation import BatchSize
 from finetune.io import progress
 from finetune.models import input_device
+from finetune.tasks.causal_lm import column, token_counts
 
 if TYPE_CHECKING:
     from finetune.config.data import PrepareParams
@@ -128,35 +129,39 @@ def classifier_loss(weights: list[float] | None = None):
     return loss
 
 
+def padded(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token ids padded to the longest (on the right: the head reads the last token that is not padding), and
+    their attention mask."""
+    width = max(len(ids) for ids in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, row in enumerate(sequences):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 class Collator:
-    """Texts padded to the longest of the batch (on the right: the head reads the last non-padding token), the
-    class ids as one tensor."""
+    """Texts padded to the longest of the batch, the class ids as one tensor."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row["input_ids"])] = torch.tensor(row["input_ids"])
-            mask[i, :len(row["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r["labels"][0] for r in rows])}
+        return {**padded([r["input_ids"] for r in rows], self.pad_id),
+                "labels": torch.tensor([r["labels"][0] for r in rows])}
 
 
 @torch.no_grad()
 def probabilities(model, rows, pad_id: int, batch_size: int) -> np.ndarray:
     """Softmax probabilities (examples x classes, fp32) of the head on `rows` (a Dataset), in the rows' order; a
     batch that runs out of memory is retried at half the size."""
-    from finetune.tasks.causal_lm import token_counts
-
     lengths = token_counts(rows)
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # similar lengths together: less padding
     out = np.zeros((len(lengths), model.config.num_labels), dtype=np.float32)
-    collate, device, size = Collator(pad_id), input_device(model), BatchSize(batch_size)
+    device, size = input_device(model), BatchSize(batch_size)
     for idx in progress(size.batches(order), total=-(-len(order) // batch_size), desc="classify"):
-        batch = collate([{"input_ids": ids, "labels": [0]} for ids in rows[idx]["input_ids"]])
+        batch = padded(rows[idx]["input_ids"], pad_id)
         try:
             logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))\
                 .logits.float()
@@ -210,8 +215,6 @@ class Classification:
         per example: its text, reference, prediction, the prediction's probability and every class's."""
         classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
         probs = probabilities(model, rows, tokenizer.pad_token_id, evaluate.batch_size)
-        from finetune.tasks.causal_lm import column
-
         y_true = np.array([labels[0] for labels in column(rows, "labels")])
         y_pred = probs.argmax(-1)
         loss = float(-np.log(np.clip(probs[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
