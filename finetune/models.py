@@ -120,9 +120,8 @@ def load_base_model(model: ModelParams, quantization: QuantizationParams | None 
     the weights stay frozen under mixed precision (LoRA with bf16/fp16), where half-size weights halve the memory
     and autocast computes in that dtype anyway. `model_class` is the task's Auto class (a causal LM when not given);
     `device_map` places an unquantized model as it loads (the quantized one goes where quantization.device_map
-    says); `fsdp_precision`: the training precision, when FSDP is to shard the model (the 4-bit weights are
-    stored in the dtype it gathers them in, quantization.sharded_storage); `options`: the task's (a classifier's
-    classes)."""
+    says); `fsdp_precision`: the training precision, when FSDP is to shard the model (the 4-bit weights are stored
+    in the dtype it gathers them in, quantization.sharded_storage); `options`: the task's (a classifier's classes)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -194,11 +193,10 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "fl
 
     config = read_train_config(finetuned_dir)
     task = task_for(config.get("task", "causal_lm"))  # causal_lm before tasks were recorded
-    model_class = task.model_class()
     if config["train"]["method"] == "full":
         require_safetensors(finetuned_dir, "model.safetensors", "model.safetensors.index.json")
-        return model_class.from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
-                                           dtype=getattr(torch, dtype), device_map=device_map)
+        return task.model_class().from_pretrained(finetuned_dir, use_safetensors=True, attn_implementation="sdpa",
+                                                  dtype=getattr(torch, dtype), device_map=device_map)
     from peft import PeftModel
 
     require_safetensors(finetuned_dir, "adapter_model.safetensors")
@@ -206,7 +204,7 @@ def load_finetuned(finetuned_dir: Path, quantized: bool = True, dtype: str = "fl
     known = {f.name for f in dataclasses.fields(QuantizationParams)}  # train_config.json may hold retired keys
     quant = QuantizationParams(**{k: v for k, v in config["quantization"].items() if k in known}) \
         if config["train"]["method"] == "qlora" and quantized else None
-    base = load_base_model(ModelParams(**config["model"]), quant, dtype, model_class, device_map=device_map,
+    base = load_base_model(ModelParams(**config["model"]), quant, dtype, task.model_class(), device_map=device_map,
                            options=task.model_options(config.get("labels"), config.get("pad_token_id")))
     fit_embeddings(base, config.get("tokenizer_size", 0))  # the tokens a chat template added
     return PeftModel.from_pretrained(base, finetuned_dir)
