@@ -9,12 +9,14 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import writers
 import yaml
 from conftest import ROOT, run_evaluate, run_prepare, stage_arguments
 
@@ -22,22 +24,6 @@ from finetune.config.params import load_params
 
 pytestmark = pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1",
                                 reason="starts several training processes; RUN_MULTIPROCESS=1 (.ci/run sets it)")
-
-# Every file a process opens for writing, one line per open (pid, path): a sitecustomize on PYTHONPATH adds the hook
-AUDIT = '''
-import os, sys
-_log = os.environ.get("WRITES_LOG")
-if _log:
-    def _hook(event, args):
-        if event != "open" or not isinstance(args[0], str) or os.path.abspath(args[0]) == _log:
-            return
-        mode, flags = args[1], args[2]
-        if (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)):
-            with open(_log, "a") as out:
-                out.write(f"{os.getpid()}\\t{os.path.abspath(args[0])}\\n")
-    sys.addaudithook(_hook)
-'''
 
 
 def use(workdir: Path, **sections) -> None:
@@ -47,15 +33,14 @@ def use(workdir: Path, **sections) -> None:
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def environment(tmp: Path) -> dict:
-    (tmp / "audit").mkdir(exist_ok=True)
-    (tmp / "audit/sitecustomize.py").write_text(AUDIT)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{tmp / 'audit'}{os.pathsep}{ROOT}",
-            "WRITES_LOG": str(tmp / "writes.log")}
+def environment() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def train(workdir: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=workdir, env=env,
+def train(workdir: Path, env: dict, trace: Path | None = None) -> subprocess.CompletedProcess:
+    """The train stage as dvc.yaml runs it; under strace, recording into `trace`, when one is given."""
+    command = [sys.executable, "-m", "stages.train", *stage_arguments("train")]
+    return subprocess.run(writers.traced(command, trace) if trace else command, cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -82,14 +67,24 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; its parent has not collected it yet
 
 
-def writers(log: Path, root: Path) -> dict[str, set[str]]:
-    """Each file under `root` opened for writing -> the processes that did."""
-    out: dict[str, set[str]] = {}
-    for line in log.read_text().splitlines():
-        pid, path = line.split("\t", 1)
-        if path.startswith(str(root)) and "/.dvc/" not in path and "/.git/" not in path:
-            out.setdefault(path, set()).add(pid)
-    return out
+def one_writer_per_file(trace: Path, root: Path, only: str = "") -> tuple[dict[str, set[int]], int]:
+    """Each file under `root` the traced run wrote, made or removed -> its writer, checked to be one process, and
+    the main process: the one that wrote the run's outputs (metrics/train.json, and the fine-tuned model's folder,
+    swapped into place whole). `only`: the processes whose command names it (the training's, under dvc)."""
+    files, commands = writers.file_writers(trace, root)
+    files = {path: kept for path, pids in files.items() if (kept := {p for p in pids if only in commands.get(p, "")})}
+    several = {path: sorted(commands.get(pid, str(pid)) for pid in pids)
+               for path, pids in files.items() if len(pids) > 1}
+    assert files and not several, several
+    main = files[str(root / "metrics/train.json")]
+    assert main == files[str(root / "models/finetuned")]
+    return files, next(iter(main))
+
+
+@pytest.fixture(autouse=True)
+def strace():
+    if not writers.available():
+        pytest.fail("strace is needed to see which process writes each file (apt-get install strace)")
 
 
 @pytest.fixture
@@ -100,7 +95,7 @@ def prepared(workdir):
 
 
 def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(prepared, tmp_path):
-    env = environment(tmp_path)
+    env = environment()
     # one process, 16 a step; 5 steps stay inside the first epoch (80 of the toy split's examples), where both
     # runs take the same examples a step (at an epoch's end, each process pads its share from the start)
     use(prepared, train={"per_device_train_batch_size": 16, "max_steps": 5})
@@ -111,8 +106,8 @@ def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(p
 
     use(prepared, train={"per_device_train_batch_size": 8}, distributed={"nproc_per_node": 2})  # 2 x 8
     for attempt in range(3):  # the same run again: no flaky start, rendezvous or save
-        (tmp_path / "writes.log").unlink(missing_ok=True)
-        done = train(prepared, env)
+        subprocess.run(["rm", "-rf", "models/checkpoints"], cwd=prepared, check=True)  # from the start
+        done = train(prepared, env, trace=tmp_path / f"trace-{attempt}")
         assert done.returncode == 0, f"attempt {attempt}: " + done.stderr[-3000:]
         assert "starting 2 training processes" in done.stderr
         two = losses(prepared)
@@ -121,10 +116,12 @@ def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(p
         assert len(two) == len(one) == 5
         assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(two, one, strict=True)), (two, one)
         assert metrics["tokens_trained"] == one_metrics["tokens_trained"]
-        files = writers(tmp_path / "writes.log", prepared)
-        # the outputs are written to a temporary name, then swapped into place
-        assert any(".train_config.json." in p for p in files) and any("/.train.json." in p for p in files)
-        assert len(set.union(*files.values())) == 1  # one process wrote every file: the main one
+        files, main = one_writer_per_file(tmp_path / f"trace-{attempt}", prepared)
+        # the main process wrote every file (the adapter's safetensors and the optimizer's state too) but the
+        # other process's own random-number state in each checkpoint
+        others = sorted(path for path, pids in files.items() if pids != {main})
+        assert others and all(re.search(r"/checkpoint-\d+/rng_state_1\.pth$", path) for path in others), others
+        assert any(path.endswith("/adapter_model.safetensors") for path in files)
     config = json.loads((prepared / "models/finetuned/train_config.json").read_text())
     assert config["processes"] == 2 and config["strategy"] == "ddp"
     # the adapter two processes trained evaluates as the one one process trained
@@ -137,7 +134,7 @@ def test_two_processes_equal_one_at_the_same_global_batch_each_file_one_writer(p
 
 
 def test_killed_two_process_run_resumes_to_the_same_adapter(prepared, tmp_path):
-    env = environment(tmp_path)
+    env = environment()
     # long enough (a toy step takes milliseconds) to be killed between its first checkpoint and its end
     use(prepared, train={"max_steps": 120, "save_steps": 4, "eval_steps": 40, "logging_steps": 10},
         distributed={"nproc_per_node": 2})
@@ -175,9 +172,11 @@ def test_killed_two_process_run_resumes_to_the_same_adapter(prepared, tmp_path):
     assert "distributed.nproc_per_node: 2" in refused.stderr
 
 
-def test_dvc_exp_run_with_two_processes(dvc_repo):
-    """The real `dvc` CLI: an experiment that sets distributed.nproc_per_node=2 trains on two processes, evaluates
-    on one, and shows in `dvc exp show` like any other."""
+def test_dvc_exp_run_with_two_processes(dvc_repo, tmp_path):
+    """The real `dvc` CLI: `dvc exp run -S distributed.nproc_per_node=2` trains on two processes, each file of the
+    training written by one of them (strace), with the losses and tokens of one process at the same global batch
+    and the same evaluation after it; and a run SIGKILLed mid-way (dvc, the stage, torchrun and both workers, all at
+    once) resumes under `dvc exp run` and ends with the adapter of an uninterrupted run."""
     from conftest import copy_dvc_config
     from test_pipeline_dvc import ENV
 
@@ -188,18 +187,70 @@ def test_dvc_exp_run_with_two_processes(dvc_repo):
         assert done.returncode == 0, f"{' '.join(cmd)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done.stdout + done.stderr
 
+    def outcome() -> tuple[list[float], dict, dict, list[str]]:
+        predictions = (dvc_repo / "outputs/predictions_finetuned.jsonl").read_text().splitlines()
+        return (losses(dvc_repo), json.loads((dvc_repo / "metrics/train.json").read_text())["training"],
+                json.loads((dvc_repo / "metrics/eval_finetuned.json").read_text())["finetuned"],
+                [json.loads(line)["prediction"] for line in predictions])
+
     sh("git", "init", "-q", "-b", "main")
     sh("dvc", "init", "-q")
     copy_dvc_config(dvc_repo)
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "toy pipeline")
-    out = sh("dvc", "exp", "run", "-S", "distributed.nproc_per_node=2", "--name", "two-processes")
+    # 5 steps of 16 examples stay inside the first epoch (see the test above)
+    short = ("-S", "train.max_steps=5", "-S", "train.logging_steps=1")
+    sh("dvc", "exp", "run", "--name", "one-process", *short, "-S", "train.per_device_train_batch_size=16")
+    one, one_training, one_eval, one_predictions = outcome()
+    out = sh(*writers.traced(["dvc", "exp", "run", "--name", "two-processes", *short,
+                              "-S", "train.per_device_train_batch_size=8", "-S", "distributed.nproc_per_node=2"],
+                             tmp_path / "trace"))
     assert "starting 2 training processes" in out
-    training = json.loads((dvc_repo / "metrics/train.json").read_text())["training"]
-    assert training["processes"] == 2 and training["strategy"] == "ddp"
-    assert json.loads((dvc_repo / "metrics/eval_finetuned.json").read_text())["finetuned"]["examples"] > 0
+    two, training, evaluation, predictions = outcome()
+    assert training["processes"] == 2 and training["strategy"] == "ddp" and training["effective_batch_size"] == 16
+    assert len(two) == len(one) == 5
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(two, one, strict=True)), (two, one)
+    assert training["tokens_trained"] == one_training["tokens_trained"]
+    assert predictions == one_predictions and evaluation["examples"] > 0
+    for key, value in one_eval.items():
+        if isinstance(value, float) and not any(t in key for t in ("seconds", "per_second", "_s")):
+            assert evaluation[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    files, main = one_writer_per_file(tmp_path / "trace", dvc_repo, only="stages.train")
+    others = sorted(path for path, pids in files.items() if pids != {main})
+    assert others and all(re.search(r"/checkpoint-\d+/rng_state_1\.pth$", path) for path in others), others
     shown = json.loads(sh("dvc", "exp", "show", "--json"))
-    assert "two-processes" in json.dumps(shown)
+    assert "two-processes" in json.dumps(shown) and "one-process" in json.dumps(shown)
+
+    long = ("-S", "distributed.nproc_per_node=2", "-S", "train.max_steps=60", "-S", "train.save_steps=4",
+            "-S", "train.eval_steps=20", "-S", "train.logging_steps=10")
+    log = (tmp_path / "killed.log").open("w")
+    run = subprocess.Popen(["dvc", "exp", "run", "--name", "killed", *long], cwd=dvc_repo, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
+    marker = dvc_repo / "models/checkpoints/checkpoint-4/fingerprint.json"
+    deadline = time.time() + 600
+    while not marker.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert marker.exists() and run.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    tree = [run.pid, *descendants(run.pid)]
+    assert len(tree) >= 5  # dvc, the stage, torchrun and its two workers
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    run.wait()
+    deadline = time.time() + 60
+    while any(alive(pid) for pid in tree) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in tree)
+    assert not (dvc_repo / "models/finetuned").exists()
+    assert not (dvc_repo / "models/checkpoints/FINISHED").exists()
+
+    out = sh("dvc", "exp", "run", "--name", "resumed", *long)
+    assert "resuming from models/checkpoints/checkpoint-" in out
+    resumed = adapter_hash(dvc_repo)
+    # the same run from the start: without its checkpoints, forced (nothing skipped or restored from the run-cache)
+    subprocess.run(["rm", "-rf", "models/checkpoints"], cwd=dvc_repo, check=True)
+    out = sh("dvc", "exp", "run", "--force", "--name", "uninterrupted", *long)
+    assert "Running stage 'train'" in out and "resuming" not in out
+    assert adapter_hash(dvc_repo) == resumed
 
 
 def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device_and_fsdp_shards_it(prepared, tmp_path):
@@ -207,7 +258,7 @@ def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device_and_fsd
     own device."""
     use(prepared, train={"method": "qlora"}, quantization={"bnb_4bit_compute_dtype": "float32"},
         distributed={"nproc_per_node": 2})
-    done = train(prepared, environment(tmp_path))
+    done = train(prepared, environment())
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((prepared / "metrics/train.json").read_text())["training"]
     assert metrics["processes"] == 2 and metrics["quantization"].startswith("4-bit") and metrics["steps"] == 6
@@ -216,7 +267,7 @@ def test_qlora_on_two_processes_places_each_4bit_model_on_its_own_device_and_fsd
     # FSDP shards the 4-bit weights too (stored as floats: FSDP shards floating-point tensors only); the whole
     # model one unit, its activations recomputed by the Trainer's checkpointing (on for QLoRA)
     use(prepared, distributed={"strategy": "fsdp", "fsdp": {"auto_wrap": "none"}})
-    done = train(prepared, environment(tmp_path))
+    done = train(prepared, environment())
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Excluding from FSDP2 sharding" not in done.stderr
     metrics = json.loads((prepared / "metrics/train.json").read_text())["training"]
@@ -239,7 +290,7 @@ def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepare
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    env = environment(tmp_path)
+    env = environment()
     use(prepared, train={"max_steps": 5, "save_steps": 3}, distributed={"nproc_per_node": 2})
     done = train(prepared, env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -247,9 +298,9 @@ def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepare
         adapter(prepared)
     assert ddp_metrics["training"]["parameter_share_per_process"] == 1.0
 
-    (tmp_path / "writes.log").unlink(missing_ok=True)
     use(prepared, distributed={"strategy": "fsdp", "fsdp": {"state_dict_type": "sharded"}})
-    done = train(prepared, env)
+    subprocess.run(["rm", "-rf", "models/checkpoints"], cwd=prepared, check=True)  # only this run's files traced
+    done = train(prepared, env, trace=tmp_path / "trace")
     assert done.returncode == 0, done.stderr[-3000:]
     fsdp, metrics = losses(prepared), json.loads((prepared / "metrics/train.json").read_text())["training"]
     assert metrics["strategy"] == "fsdp" and metrics["processes"] == 2
@@ -261,12 +312,11 @@ def test_fsdp_with_lora_matches_ddp_saves_a_loadable_adapter_and_resumes(prepare
                     for p in (prepared / "models/checkpoints/checkpoint-5").rglob("*.distcp"))
     assert shards == [f"{what}_0/__{rank}_0.distcp" for what in ("optimizer", "pytorch_model_fsdp")
                       for rank in (0, 1)]  # each process's shards of the model and of the optimizer
-    files = writers(tmp_path / "writes.log", prepared)
-    assert files and all(len(pids) == 1 for pids in files.values())
-    main = next(iter(pids for path, pids in files.items() if "/.train.json." in path))
-    # the main process wrote every file but the other process's own shards of the sharded checkpoints
-    others = sorted(Path(path).name for path, pids in files.items() if pids != main)
-    assert others and all(name == "__1_0.distcp" for name in others), others
+    files, main = one_writer_per_file(tmp_path / "trace", prepared)
+    # the main process wrote every file but the other process's own shards and random-number state in the
+    # sharded checkpoints
+    others = sorted(Path(path).name for path, pids in files.items() if pids != {main})
+    assert others and all(name in ("__1_0.distcp", "rng_state_1.pth") for name in others), others
 
     trained = adapter(prepared)
     assert trained.keys() == ddp_adapter.keys()
@@ -302,7 +352,7 @@ def test_divergence_stops_every_process_together(prepared, tmp_path, strategy):
     verdict is shared): the stage ends with the message instead of one process waiting for the other forever."""
     use(prepared, train={"learning_rate": 1e6, "max_steps": 30, "save_steps": 2},
         distributed={"nproc_per_node": 2, "strategy": strategy})
-    done = train(prepared, environment(tmp_path))
+    done = train(prepared, environment())
     assert done.returncode == 2, done.stderr[-3000:]
     steps = re.findall(r"error: training diverged at step (\d+)", done.stderr)
     assert len(steps) == 2 and steps[0] == steps[1], done.stderr[-3000:]  # both processes, at the same step

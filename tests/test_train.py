@@ -84,6 +84,43 @@ def test_the_launchers_environment_says_which_process_writes(monkeypatch):
     assert not ranks.is_main() and ranks.world_size() == 2
 
 
+def test_ddp_does_not_search_for_unused_parameters():
+    """peft models would make the Trainer turn on DDP's unused-parameter search: a graph traversal every step."""
+    from finetune.training.precision import Precision, training_arguments
+
+    args = training_arguments(TrainParams(method="lora"), Precision("cpu", "fp32", "test"))
+    assert args.ddp_find_unused_parameters is False
+
+
+@pytest.mark.parametrize("world, rank, cuda, placed", [
+    ("2", "1", True, {"": 1}),  # one process of two on a GPU machine: its own GPU
+    ("2", "1", False, {"": "cpu"}),
+    ("1", "0", True, "auto"),  # alone: as quantization.device_map says
+])
+def test_each_process_loads_its_4bit_model_onto_its_own_device(toy_model_dir, monkeypatch, world, rank, cuda,
+                                                               placed):
+    """accelerate refuses device_map auto in a multi-process run: QLoRA's base goes to the process's own device."""
+    from finetune import models
+    from finetune.config.model import ModelParams, QuantizationParams
+
+    class Loaded(Exception):
+        pass
+
+    class Recorder:
+        @classmethod
+        def from_pretrained(cls, name, **kwargs):
+            raise Loaded(kwargs)
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    with pytest.raises(Loaded) as loaded:
+        models.load_base_model(ModelParams(model_name=str(toy_model_dir)), QuantizationParams(device_map="auto"),
+                               "float32", Recorder)
+    kwargs = loaded.value.args[0]
+    assert kwargs["device_map"] == placed and kwargs["quantization_config"].load_in_4bit
+
+
 @pytest.mark.skipif(os.environ.get("RUN_MULTIPROCESS") != "1",
                     reason="starts two training processes; RUN_MULTIPROCESS=1 (.ci/run sets it)")
 def test_two_processes_train_with_one_writer(workdir):

@@ -153,6 +153,21 @@ def guarded_trainer_class():
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
             self.is_fsdp_enabled = True
 
+        def _save_checkpoint(self, model, trial):
+            # the main process makes the checkpoint's folders before any process writes its part into them (each
+            # saves its random-number state, and under sharded FSDP its shards; accelerate has each make them)
+            if is_main():
+                from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+
+                folder = Path(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+                folder.mkdir(parents=True, exist_ok=True)
+                plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+                if plugin is not None and "SHARDED" in str(plugin.state_dict_type):
+                    for name in (FSDP_MODEL_NAME, OPTIMIZER_NAME):
+                        (folder / f"{name}_0").mkdir(exist_ok=True)
+            barrier()
+            super()._save_checkpoint(model, trial)
+
         def _run_epoch(self, model, epoch, *args, **kwargs):
             # the Trainer's own set_epoch does not reach a batch sampler behind accelerate's shard and skip wrappers
             if self.token_batches is not None:
