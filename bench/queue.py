@@ -17,6 +17,7 @@ kept, which also shows that every run trained (a restored one would repeat anoth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,11 +35,15 @@ COMPARED = ("training.final_train_loss", "training.final_eval_loss", "training.t
             "finetuned.exact_match", "finetuned.eval_loss", "finetuned.bleu")
 
 
+def environment() -> dict:
+    """This process's environment without a thread count (OMP_NUM_THREADS would be kept by every stage as the
+    user's choice: the measurement is of the share the stages take themselves)."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", AUTO_ENV)}
+
+
 def dvc(repo: Path, *args: str) -> str:
-    """`dvc args` in `repo`, without a thread count set in this process's environment (OMP_NUM_THREADS would be
-    kept by every stage as the user's choice: the measurement is of the share the stages take themselves)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", AUTO_ENV)}
-    done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
+    """`dvc args` in `repo`, in `environment()`."""
+    done = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=environment())
     if done.returncode:
         raise RuntimeError(f"dvc {' '.join(args)} failed in {repo}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout
@@ -112,16 +117,47 @@ def bench_queue(tmp: Path, steps: int) -> dict:
 
 def run_queue(repo: Path, prefix: str, *settings: str) -> float:
     """The two experiments queued (named <prefix><seed>) and run by `dvc queue start -j 2`: the wall time from
-    the start of the workers to the end of both."""
+    queueing the first to the end of both (queueing is part of the user's wait, as `--temp`'s copies are of the
+    sequential runs')."""
     shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)  # nothing restored from earlier runs
+    started = time.perf_counter()
     for seed in SEEDS:
         dvc(repo, "exp", "run", "--queue", "--name", f"{prefix}{seed}", "-S", f"train.seed={seed}", *settings)
-    started = time.perf_counter()
-    dvc(repo, "queue", "start", "-j", "2")
+    # the workers inherit `queue start`'s output: a pipe would stay open as long as they live (past the end of the
+    # queue, should one hang on shutting down), so it goes to a file, and the queue's status says when it is done
+    with (repo / ".dvc/tmp/queue-start.log").open("w") as log:
+        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=environment(), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
     wait_for_queue(repo)
     elapsed = time.perf_counter() - started
-    dvc(repo, "queue", "stop")
+    stop_workers(repo)
     return elapsed
+
+
+def stop_workers(repo: Path) -> None:
+    """`dvc queue stop`, and any worker still there a minute later ended by its pid file."""
+    import signal
+
+    try:
+        subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=environment(), capture_output=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.time() + 60
+    pids = [int(p.read_text()) for p in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
+            if p.read_text().strip().isdigit()]
+    while pids and time.time() < deadline:
+        pids = [pid for pid in pids if alive(pid)]
+        time.sleep(1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,9 +131,26 @@ def test_training_follows_the_share_as_runs_start_and_end(slots, monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_explicit_threads_or_omp_num_threads_are_not_followed(slots, monkeypatch):
-    monkeypatch.delenv(resources.AUTO_ENV, raising=False)
-    assert resources.shared_threads() == []
+@pytest.mark.parametrize("params, omp, followed, threads", [
+    ("", None, True, "2"),  # threads: auto, nothing set: the share (both cores, alone), followed as runs come and go
+    ("", "1", False, "1"),  # threads: auto, OMP_NUM_THREADS set: the user's choice, kept, not followed
+    ("resources:\n  threads: 1\n", None, False, "1"),  # a number: set, whatever runs beside it
+])
+def test_only_an_automatic_share_is_followed(slots, tmp_path, monkeypatch, params, omp, followed, threads):
+    import torch
+
+    (tmp_path / "params.yaml").write_text(params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(resources, "cores", lambda: 2)
+    monkeypatch.setattr(resources, "visible_gpus", lambda: [])
+    for name in (resources.AUTO_ENV, "LOCAL_RANK", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        torch.set_num_threads(int(omp))
+    resources.share_machine()
+    assert os.environ["OMP_NUM_THREADS"] == threads and torch.get_num_threads() == int(threads)
+    assert len(resources.shared_threads()) == (1 if followed else 0)
 
 
 @pytest.mark.parametrize("text, message", [
