@@ -197,8 +197,34 @@ def predictions_with(model, tokenizer, texts: list[str]) -> tuple[list[str], np.
     return [model.config.id2label[int(i)] for i in probs.argmax(-1)], probs
 
 
-def test_a_classifier_trains_evaluates_reloads_and_merges(workdir):
+def recomputed(metrics: dict, records: list[dict]) -> tuple[list[str], list[str]]:
+    """Check a classifier's scores against scikit-learn's (and the calibration error against its definition) from
+    its saved predictions; returns the references and the predictions."""
     from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    y_true, y_pred = [r["reference"] for r in records], [r["prediction"] for r in records]
+    assert metrics["examples"] == len(records)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-6)
+    for average in ("weighted", "macro"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        assert (metrics[f"precision_{average}"], metrics[f"recall_{average}"], metrics[f"f1_{average}"]) == \
+            pytest.approx((p, r, f), abs=1e-6)
+    labels = sorted(set(y_true))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    assert list(metrics["per_class"]) == labels
+    for label, *expected in zip(labels, p, r, f, s, strict=True):
+        got = metrics["per_class"][label]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(expected, abs=1e-6)
+    confidence = np.array([max(r["probabilities"].values()) for r in records])
+    correct = np.array(y_true) == np.array(y_pred)
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    ece = sum((bins == b).mean() * abs(correct[bins == b].mean() - confidence[bins == b].mean())
+              for b in range(10) if (bins == b).any())
+    assert metrics["ece"] == pytest.approx(ece, abs=1e-5)
+    return y_true, y_pred
+
+
+def test_a_classifier_trains_evaluates_reloads_and_merges(workdir):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune.tasks.classification import probabilities
@@ -228,25 +254,7 @@ def test_a_classifier_trains_evaluates_reloads_and_merges(workdir):
     assert [meta["labels"][i] for i in before.argmax(-1)] == [r["prediction"] for r in records]
     assert np.abs(before - after).max() < 1e-5
 
-    # the seed's scores, recomputed from the saved predictions with scikit-learn
-    y_true, y_pred = [r["reference"] for r in records], [r["prediction"] for r in records]
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-6)
-    for average in ("weighted", "macro"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
-        assert (metrics[f"precision_{average}"], metrics[f"recall_{average}"], metrics[f"f1_{average}"]) == \
-            pytest.approx((p, r, f), abs=1e-6)
-    labels = sorted(set(y_true))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    assert list(metrics["per_class"]) == labels
-    for label, *expected in zip(labels, p, r, f, s, strict=True):
-        got = metrics["per_class"][label]
-        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx(expected, abs=1e-6)
-    confidence = np.array([max(r["probabilities"].values()) for r in records])
-    correct = np.array(y_true) == np.array(y_pred)
-    bins = np.minimum((confidence * 10).astype(int), 9)
-    ece = sum((bins == b).mean() * abs(correct[bins == b].mean() - confidence[bins == b].mean())
-              for b in range(10) if (bins == b).any())
-    assert metrics["ece"] == pytest.approx(ece, abs=1e-5)
+    y_true, y_pred = recomputed(metrics, records)  # the seed's scores, with scikit-learn
     truth = np.array([meta["labels"].index(label) for label in y_true])
     assert metrics["eval_loss"] == pytest.approx(-np.log(after[np.arange(len(truth)), truth]).mean(), rel=1e-3)
 
@@ -275,12 +283,34 @@ def test_qlora_and_full_fine_tuning_train_a_classifier(workdir):
     from conftest import run_train
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from finetune.data.prepared import open_split
+    from finetune.tasks.classification import probabilities
+    from finetune.training.run import TrainingRun
+
+    settings = yaml.safe_load((workdir / "params.yaml").read_text())
+    settings["quantization"]["bnb_4bit_compute_dtype"] = "float32"  # bf16's rounding would blur the comparison
+    (workdir / "params.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     params = classification_params(workdir, method="qlora", max_steps=6)
     run_prepare(params)
-    trained = run_train(params)
+    run = TrainingRun(params, argument("train", "--prepared"), argument("train", "--metrics"),
+                      argument("train", "--history"))
+    trained = run.run()
     assert trained["method"] == "qlora" and trained["task"] == "classification"
+    assert trained["quantization"].startswith("4-bit")
+    head = {n: p for n, p in run.trainer.model.named_parameters() if ".modules_to_save." in n and "score" in n}
+    assert head and all(p.requires_grad and p.dtype == torch.float32 for p in head.values())  # trained, in fp32
+    test = open_split(argument("evaluate", "--test"))
+    before = probabilities(run.trainer.model.eval(), test, run.trainer.processing_class.pad_token_id, 8)
     metrics, records = run_evaluate(params, "finetuned")  # the 4-bit base again, the head and adapter on top
-    assert metrics["examples"] == len(records) and 0 <= metrics["accuracy"] <= 1
+    labels = json.loads((argument("train", "--prepared") / "prepared.json").read_text())["labels"]
+    after = np.array([[r["probabilities"][label] for label in labels] for r in records])
+    assert [labels[i] for i in before.argmax(-1)] == [r["prediction"] for r in records]
+    # the head and adapter reloaded predict as trained; the probabilities agree to bitsandbytes' precision: for
+    # inference on a CPU with AVX512-BF16 it repacks the 4-bit layers it can, their scales then in bf16
+    assert np.abs(before - after).max() < 2e-2
+    base, _ = run_evaluate(params, "base")
+    assert metrics["eval_loss"] < base["eval_loss"]  # the head learnt something in six steps
+    recomputed(metrics, records)
 
     params = classification_params(workdir, method="full", max_steps=6)
     run_train(params)
@@ -349,6 +379,9 @@ def test_bundled_classification_through_dvc_exp_run(tmp_path):
         (repo / "data/prepared/prepared.json").read_text())["labels"])  # the weights the trial trained with
 
     dvc(repo, "exp", "apply", "classify")
+    for model in ("base", "finetuned"):  # the scores, recomputed with scikit-learn from the saved predictions
+        lines = (repo / f"outputs/predictions_{model}.jsonl").read_text().splitlines()
+        recomputed(metrics[model], [json.loads(line) for line in lines])
     table = (repo / "metrics/compare.md").read_text()
     assert "## Per class" in table and "| date_to_words | " in table  # the per-class table a review reads
     answer = sh(repo, sys.executable, "-m", "tools.predict", "--model", "merged", "--jsonl",
