@@ -125,9 +125,12 @@ def run_queue(repo: Path, prefix: str, *settings: str) -> float:
         dvc(repo, "exp", "run", "--queue", "--name", f"{prefix}{seed}", "-S", f"train.seed={seed}", *settings)
     # the workers inherit `queue start`'s output: a pipe would stay open as long as they live (past the end of the
     # queue, should one hang on shutting down), so it goes to a file, and the queue's status says when it is done
-    with (repo / ".dvc/tmp/queue-start.log").open("w") as log:
-        subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=environment(), stdout=log,
-                       stderr=subprocess.STDOUT, check=True)
+    log = repo / ".dvc/tmp/queue-start.log"
+    with log.open("w") as out:
+        started_workers = subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=environment(),
+                                         stdout=out, stderr=subprocess.STDOUT)
+    if started_workers.returncode:
+        raise RuntimeError(f"dvc queue start failed in {repo}:\n{log.read_text()[-3000:]}")
     wait_for_queue(repo)
     elapsed = time.perf_counter() - started
     stop_workers(repo)
@@ -143,8 +146,8 @@ def stop_workers(repo: Path) -> None:
     except subprocess.TimeoutExpired:
         pass
     deadline = time.time() + 60
-    pids = [int(p.read_text()) for p in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")
-            if p.read_text().strip().isdigit()]
+    texts = [p.read_text().strip() for p in (repo / ".dvc/tmp/exps/celery").glob("dvc-exp-worker-*.pid")]
+    pids = [int(text) for text in texts if text.isdigit()]
     while pids and time.time() < deadline:
         pids = [pid for pid in pids if alive(pid)]
         time.sleep(1)

@@ -42,10 +42,12 @@ def machine_share_given_back(monkeypatch):
     from finetune import resources
 
     for name in ("OMP_NUM_THREADS", "RAYON_NUM_THREADS", resources.AUTO_ENV, "CUDA_VISIBLE_DEVICES"):
-        if name in os.environ:
-            monkeypatch.setenv(name, os.environ[name])
-        else:
-            monkeypatch.delenv(name, raising=False)
+        # recorded either way (monkeypatch records nothing when it deletes a name that is not set), so that what a
+        # stage sets is undone after the test
+        was = os.environ.get(name)
+        monkeypatch.setenv(name, was or "")
+        if was is None:
+            monkeypatch.delenv(name)
     threads = torch.get_num_threads()
     yield
     for path, handle in list(resources._held.items()):

@@ -5,6 +5,7 @@ RUN_MULTIPROCESS=1 (.ci/run sets it)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -67,10 +68,22 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has stopped; its parent has not collected it yet
 
 
+def checkpointed(workdir: Path, run: subprocess.Popen) -> bool:
+    """Wait until the run has marked a checkpoint complete (any: older ones are deleted as new ones come), and
+    say whether it is still running then."""
+    deadline = time.time() + 600
+    while run.poll() is None and time.time() < deadline:
+        if any((workdir / "models/checkpoints").glob("checkpoint-*/fingerprint.json")):
+            return run.poll() is None
+        time.sleep(0.02)
+    return False
+
+
 def one_writer_per_file(trace: Path, root: Path, only: str = "") -> tuple[dict[str, set[int]], int]:
     """Each file under `root` the traced run wrote, made or removed -> its writer, checked to be one process, and
     the main process: the one that wrote the run's outputs (metrics/train.json, and the fine-tuned model's folder,
     swapped into place whole). `only`: the processes whose command names it (the training's, under dvc)."""
+    root = root.resolve()
     files, commands = writers.file_writers(trace, root)
     files = {path: kept for path, pids in files.items() if (kept := {p for p in pids if only in commands.get(p, "")})}
     several = {path: sorted(commands.get(pid, str(pid)) for pid in pids)
@@ -145,11 +158,7 @@ def test_killed_two_process_run_resumes_to_the_same_adapter(prepared, tmp_path):
 
     run = subprocess.Popen([sys.executable, "-m", "stages.train", *stage_arguments("train")], cwd=prepared, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = prepared / "models/checkpoints/checkpoint-4/fingerprint.json"
-    deadline = time.time() + 600
-    while not marker.exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert marker.exists() and run.poll() is None, "the run ended before its step-4 checkpoint"
+    assert checkpointed(prepared, run), "the run ended before its first checkpoint"
     tree = descendants(run.pid)
     assert len(tree) >= 3  # torchrun and its two workers
     run.kill()  # SIGKILL to the stage alone: torchrun and its workers must not train on without it
@@ -223,18 +232,16 @@ def test_dvc_exp_run_with_two_processes(dvc_repo, tmp_path):
 
     long = ("-S", "distributed.nproc_per_node=2", "-S", "train.max_steps=60", "-S", "train.save_steps=4",
             "-S", "train.eval_steps=20", "-S", "train.logging_steps=10")
+    subprocess.run(["rm", "-rf", "models/checkpoints"], cwd=dvc_repo, check=True)  # the marker awaited is this run's
     log = (tmp_path / "killed.log").open("w")
     run = subprocess.Popen(["dvc", "exp", "run", "--name", "killed", *long], cwd=dvc_repo, env=env, stdout=log,
                            stderr=subprocess.STDOUT)
-    marker = dvc_repo / "models/checkpoints/checkpoint-4/fingerprint.json"
-    deadline = time.time() + 600
-    while not marker.exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert marker.exists() and run.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+    assert checkpointed(dvc_repo, run), (tmp_path / "killed.log").read_text()[-3000:]
     tree = [run.pid, *descendants(run.pid)]
     assert len(tree) >= 5  # dvc, the stage, torchrun and its two workers
     for pid in tree:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # one that died with its parent already
+            os.kill(pid, signal.SIGKILL)
     run.wait()
     deadline = time.time() + 60
     while any(alive(pid) for pid in tree) and time.time() < deadline:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
-CALLS = ("open", "openat", "creat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir", "mkdirat",
-         "rmdir", "execve", "clone", "clone3")
+CALLS = ("open", "openat", "openat2", "creat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "mkdir",
+         "mkdirat", "rmdir", "execve", "clone", "clone3", "fork", "vfork")
 LINE = re.compile(r"^(\w+)\((.*)\) += (-?\d+)(<[^>]*>)?")
 STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
 DIRFD = re.compile(r'(?:AT_FDCWD|\d+)(?:<([^>]*)>)?\s*,\s*"((?:[^"\\]|\\.)*)"')  # dirfd (its path with -y), path
@@ -18,20 +19,23 @@ WRITE_FLAGS = ("O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC")
 
 
 def available() -> bool:
-    return shutil.which("strace") is not None
+    """strace is installed and may trace here (a container can forbid ptrace)."""
+    return shutil.which("strace") is not None and subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "true"], capture_output=True).returncode == 0
 
 
 def traced(command: list[str], trace_dir: Path) -> list[str]:
     """`command` under strace, one trace file per thread in `trace_dir`."""
     trace_dir.mkdir(parents=True, exist_ok=True)
-    return ["strace", "-f", "-ff", "-qq", "-y", "-s", "2048", "-e", f"trace={','.join(CALLS)}",
-            "-o", str(trace_dir / "t"), *command]
+    # --seccomp-bpf: only the traced calls stop the process; "?": a call this architecture lacks is skipped
+    return ["strace", "-f", "-ff", "-qq", "-y", "--seccomp-bpf", "-s", "2048",
+            "-e", "trace=" + ",".join("?" + call for call in CALLS), "-o", str(trace_dir / "t"), *command]
 
 
 def _paths(call: str, args: str, root: Path) -> list[str]:
     """The paths a successful call changed: what it opened for writing, a rename's target, what it removed or
     made. Relative paths are taken from `root` (every traced process runs there)."""
-    if call in ("open", "openat", "creat"):
+    if call in ("open", "openat", "openat2", "creat"):
         return []  # read from the returned descriptor's path instead
     found = [path if path.startswith("/") or not folder else f"{folder}/{path}"
              for folder, path in DIRFD.findall(args)]
@@ -47,6 +51,7 @@ def file_writers(trace_dir: Path, root: Path) -> tuple[dict[str, set[int]], dict
     renamed onto, removed or made it; and each process -> the command it ran (its last execve)."""
     root = root.resolve()
     thread_of: dict[int, int] = {}  # a thread's id -> its process's
+    parent_of: dict[int, int] = {}  # a process -> the thread that started it
     calls: dict[int, list[tuple[str, str, int, str]]] = {}
     for trace in trace_dir.glob("t.*"):
         tid = int(trace.suffix[1:])
@@ -56,8 +61,8 @@ def file_writers(trace_dir: Path, root: Path) -> tuple[dict[str, set[int]], dict
             if not match:
                 continue
             call, args, result, resolved = match.group(1), match.group(2), int(match.group(3)), match.group(4)
-            if call in ("clone", "clone3") and "CLONE_THREAD" in args and result > 0:
-                thread_of[result] = tid
+            if call in ("clone", "clone3", "fork", "vfork") and result > 0:
+                (thread_of if "CLONE_THREAD" in args else parent_of)[result] = tid
             calls[tid].append((call, args, result, (resolved or "<>")[1:-1]))
 
     def process(tid: int) -> int:
@@ -70,21 +75,28 @@ def file_writers(trace_dir: Path, root: Path) -> tuple[dict[str, set[int]], dict
     for tid, made in calls.items():
         pid = process(tid)
         for call, args, result, resolved in made:
-            if result < 0:
+            if result < 0 or call in ("clone", "clone3", "fork", "vfork"):
                 continue
-            if call == "execve":
-                argv = args.split("[", 1)[-1].split("]", 1)[0]
+            if call == "execve":  # execve("path", ["arg", ...], 0x... /* N vars */)
+                argv = args.split(", [", 1)[-1].rsplit("], ", 1)[0]
                 commands[pid] = " ".join(STRING.findall(argv))
                 continue
-            if call in ("open", "openat", "creat"):
+            if call in ("open", "openat", "openat2", "creat"):
                 flags = "O_CREAT" if call == "creat" else (FLAGS.findall(args) or [""])[0]
                 paths = [resolved] if resolved and any(f in flags for f in WRITE_FLAGS) else []
-            elif call in ("clone", "clone3"):
-                continue
             else:
                 paths = _paths(call, args, root)
             for path in paths:
                 inside = path.startswith(str(root) + "/")
                 if inside and not any(part in path for part in ("/.git/", "/.dvc/", "/__pycache__/")):
                     writers.setdefault(path, set()).add(pid)
-    return writers, commands
+
+    def command(pid: int) -> str:
+        """Its own last execve's, or, for a process forked without one, its parent's."""
+        seen = set()
+        while pid not in commands and pid in parent_of and pid not in seen:
+            seen.add(pid)
+            pid = process(parent_of[pid])
+        return commands.get(pid, "")
+
+    return writers, {pid: command(pid) for pid in {p for pids in writers.values() for p in pids} | set(commands)}
