@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -139,8 +140,6 @@ def run_queue(repo: Path, prefix: str, *settings: str) -> float:
 
 def stop_workers(repo: Path) -> None:
     """`dvc queue stop`, and any worker still there a minute later ended by its pid file."""
-    import signal
-
     try:
         subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=environment(), capture_output=True, timeout=60)
     except subprocess.TimeoutExpired:

@@ -33,10 +33,9 @@ def traced(command: list[str], trace_dir: Path) -> list[str]:
 
 
 def _paths(call: str, args: str, root: Path) -> list[str]:
-    """The paths a successful call changed: what it opened for writing, a rename's target, what it removed or
-    made. Relative paths are taken from `root` (every traced process runs there)."""
-    if call in ("open", "openat", "openat2", "creat"):
-        return []  # read from the returned descriptor's path instead
+    """The path a successful rename, unlink, mkdir or rmdir changed: a rename's target, what it removed or
+    made (opens are read from the descriptor strace resolved). Relative paths are taken from `root` (every traced
+    process runs there)."""
     found = [path if path.startswith("/") or not folder else f"{folder}/{path}"
              for folder, path in DIRFD.findall(args)]
     if not found:  # rename, unlink, mkdir, rmdir: plain paths
